@@ -1,0 +1,28 @@
+"""pgs-kernels: fused CLIP-PGS patch selection for PyTorch.
+
+>>> import torch, pgs_kernels
+>>> images = torch.randn(8, 3, 224, 224)
+>>> sel = pgs_kernels.pgs_select(images, mask_ratio=0.5)
+>>> sel.keep_idx.shape
+torch.Size([8, 98])
+"""
+
+from python_ref.selection import PGSSelection, pgs_counts
+
+from .api import BACKENDS, available_backends, pgs_select
+from .dropout import PGSPatchDropout
+from .op import NATIVE_AVAILABLE, SCHEMA, TRITON_AVAILABLE
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "pgs_select",
+    "PGSSelection",
+    "PGSPatchDropout",
+    "available_backends",
+    "pgs_counts",
+    "BACKENDS",
+    "NATIVE_AVAILABLE",
+    "TRITON_AVAILABLE",
+    "SCHEMA",
+]

@@ -1,0 +1,97 @@
+"""The ``pgs_kernels::pgs_select`` operator: one schema, a kernel per device.
+
+* CPU: the native C++ kernel from ``csrc/`` (extension ``pgs_kernels._C``),
+  which defines the schema itself with ``TORCH_LIBRARY``; where the extension
+  was not built, the schema is defined here and the CPU kernel is the
+  reference in fp32 (one warning says so).
+* CUDA: the fused Triton kernel (``pgs_kernels.triton_pgs``), where Triton
+  imports.
+* Meta / fake: :func:`_fake`, shared by both, so ``torch.compile`` traces the
+  op without running it.
+
+The operator takes host-side counts (``num_keep = K``, ``num_candidates =
+k``) rather than ratios: output shapes are then plain functions of the
+arguments and nothing on the path reads device memory, which is what a CUDA
+graph capture needs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import torch
+
+#: Keep in step with ``csrc/pgs_cpu.cpp``; tests/test_op.py checks they agree.
+SCHEMA = (
+    "pgs_select(Tensor images, Tensor? tokens, Tensor noise, int patch_size, int num_keep, "
+    "int num_candidates, float sim_threshold, float token_weight, float edge_weight, "
+    "bool use_ot, float ot_reg, int ot_iters) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+OP_NAME = "pgs_kernels::pgs_select"
+
+try:  # the native build defines the schema and the CPU kernel
+    _C = importlib.import_module("pgs_kernels._C")
+
+    NATIVE_AVAILABLE = True
+    NATIVE_ERROR = None
+except ImportError as exc:  # no compiler at install time, or a broken build
+    NATIVE_AVAILABLE = False
+    NATIVE_ERROR = exc
+
+try:
+    from .triton_pgs import pgs_select_triton
+
+    TRITON_AVAILABLE = True
+    TRITON_ERROR = None
+except ImportError as exc:
+    pgs_select_triton = None
+    TRITON_AVAILABLE = False
+    TRITON_ERROR = exc
+
+_lib = None
+if not NATIVE_AVAILABLE:
+    warnings.warn(
+        f"pgs_kernels: the native CPU kernel is not built ({NATIVE_ERROR}); CPU tensors use the "
+        "pure-PyTorch reference. Reinstall with a C++ compiler present to build it.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    _lib = torch.library.Library("pgs_kernels", "DEF")
+    _lib.define(SCHEMA)
+
+
+def _reference_kernel(images, tokens, noise, patch_size, num_keep, num_candidates, sim_threshold,
+                      token_weight, edge_weight, use_ot, ot_reg, ot_iters):
+    from python_ref.pgs import pgs_select_core
+
+    keep_idx, mask, edge, cand, r = pgs_select_core(
+        images, tokens, noise, patch_size, num_keep, num_candidates, sim_threshold, token_weight,
+        edge_weight, use_ot, ot_reg, ot_iters, torch.float32,
+    )
+    return keep_idx, mask, edge.float(), cand, r.float()
+
+
+if _lib is not None:
+    _lib.impl("pgs_select", _reference_kernel, "CPU")
+
+if TRITON_AVAILABLE:
+    torch.library.register_kernel(OP_NAME, "cuda", pgs_select_triton)
+
+
+@torch.library.register_fake(OP_NAME)
+def _fake(images, tokens, noise, patch_size, num_keep, num_candidates, sim_threshold,
+          token_weight, edge_weight, use_ot, ot_reg, ot_iters):
+    B, _, H, W = images.shape
+    L = (H // patch_size) * (W // patch_size)
+    i64, f32 = torch.int64, torch.float32
+    return (
+        images.new_empty((B, num_keep), dtype=i64),
+        images.new_empty((B, L), dtype=torch.bool),
+        images.new_empty((B, L), dtype=f32),
+        images.new_empty((B, num_candidates), dtype=i64),
+        images.new_empty((B, L), dtype=f32),
+    )
+
+
+pgs_select_op = torch.ops.pgs_kernels.pgs_select
