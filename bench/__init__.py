@@ -1,0 +1,1 @@
+"""Benchmarks, quality measurements and the thin CLIP trainer of pgs-kernels."""
