@@ -77,7 +77,7 @@ def edge_energy(images: Tensor, patch_size: int, dtype=torch.float64) -> Tensor:
     gx = (at(-1, 1) + 2 * at(0, 1) + at(1, 1)) - (at(-1, -1) + 2 * at(0, -1) + at(1, -1))
     gy = (at(1, -1) + 2 * at(1, 0) + at(1, 1)) - (at(-1, -1) + 2 * at(-1, 0) + at(-1, 1))
     G = torch.sqrt(gx * gx + gy * gy)
-    e = G.reshape(B, H // P, P, W // P, P).mean(dim=(2, 4)).reshape(B, -1)
+    e = G.reshape(B, H // P, P, W // P, P).mean(dim=(2, 4)).reshape(B, (H // P) * (W // P))
     lo = e.amin(dim=1, keepdim=True)
     hi = e.amax(dim=1, keepdim=True)
     return (e - lo) / (hi - lo + EPS)

@@ -1,0 +1,50 @@
+"""The torch.library operator: schema, fake implementation, torch.compile."""
+
+import pytest
+import torch
+
+import pgs_kernels
+from conftest import DEVICE
+from pgs_kernels import op
+
+
+def _args(B=2, device=DEVICE, tokens=True):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, 3, 32, 48, generator=g).to(device)
+    t = torch.randn(B, 24, 8, generator=g).to(device) if tokens else None
+    noise = torch.rand(B, 24, generator=g).to(device)
+    return (x, t, noise, 8, 12, 2, 0.5, 0.5 if tokens else 0.0, 1.0, True, 0.05, 20)
+
+
+def test_schema_is_the_documented_one():
+    schema = str(torch.ops.pgs_kernels.pgs_select.default._schema)
+    expected = str(torch._C.parse_schema("pgs_kernels::" + op.SCHEMA))
+    assert schema == expected
+
+
+@pytest.mark.parametrize("tokens", [True, False])
+def test_opcheck(tokens):
+    torch.library.opcheck(torch.ops.pgs_kernels.pgs_select.default, _args(tokens=tokens))
+
+
+def test_fake_shapes_match_real():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = _args()
+    real = torch.ops.pgs_kernels.pgs_select(*args)
+    with FakeTensorMode() as mode:
+        fargs = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        fake = torch.ops.pgs_kernels.pgs_select(*fargs)
+    for r, f in zip(real, fake):
+        assert r.shape == f.shape and r.dtype == f.dtype
+
+
+def test_compile_fullgraph_select_and_gather():
+    def step(images, tokens, noise):
+        sel = pgs_kernels.pgs_select(images, tokens, noise=noise, patch_size=8, token_weight=0.5)
+        idx = sel.keep_idx[..., None].expand(-1, -1, tokens.shape[-1])
+        return torch.gather(tokens, 1, idx)
+
+    x, t, noise = _args()[:3]
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x, t, noise), step(x, t, noise))
