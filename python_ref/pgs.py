@@ -32,6 +32,7 @@ __all__ = [
     "pgs_select",
     "pgs_select_core",
     "edge_energy",
+    "patch_sobel_energy",
     "generate_candidates",
     "candidate_similarity",
     "sinkhorn_plan",
@@ -53,18 +54,17 @@ def patchify(images: Tensor, patch_size: int) -> Tensor:
     return x.reshape(B, gh * gw, C * P * P)
 
 
-def edge_energy(images: Tensor, patch_size: int, dtype=torch.float64) -> Tensor:
-    r"""Step 1: per-patch Sobel energy, min-max normalized per image.
+def patch_sobel_energy(images: Tensor, patch_size: int, dtype=torch.float64) -> Tensor:
+    r"""Step 1a: mean Sobel magnitude ``e_j`` of each patch (before min-max).
 
     ``Y`` = channel mean of ``images``; with a replicated border,
 
     .. math::
         G_x(y,x) &= [Y(y-1,x+1) + 2Y(y,x+1) + Y(y+1,x+1)] - [Y(y-1,x-1) + 2Y(y,x-1) + Y(y+1,x-1)] \\
         G_y(y,x) &= [Y(y+1,x-1) + 2Y(y+1,x) + Y(y+1,x+1)] - [Y(y-1,x-1) + 2Y(y-1,x) + Y(y-1,x+1)] \\
-        G &= \sqrt{G_x^2 + G_y^2}, \qquad e_j = \operatorname{mean}_{(y,x) \in j} G(y,x) \\
-        ê_j &= (e_j - \min_l e_l) / (\max_l e_l - \min_l e_l + 10^{-6})
+        G &= \sqrt{G_x^2 + G_y^2}, \qquad e_j = \operatorname{mean}_{(y,x) \in j} G(y,x)
 
-    Returns ``ê`` of shape ``(B, L)`` in ``dtype``.
+    Returns ``e`` of shape ``(B, L)`` in ``dtype``.
     """
     B, C, H, W = images.shape
     P = patch_size
@@ -77,7 +77,19 @@ def edge_energy(images: Tensor, patch_size: int, dtype=torch.float64) -> Tensor:
     gx = (at(-1, 1) + 2 * at(0, 1) + at(1, 1)) - (at(-1, -1) + 2 * at(0, -1) + at(1, -1))
     gy = (at(1, -1) + 2 * at(1, 0) + at(1, 1)) - (at(-1, -1) + 2 * at(-1, 0) + at(-1, 1))
     G = torch.sqrt(gx * gx + gy * gy)
-    e = G.reshape(B, H // P, P, W // P, P).mean(dim=(2, 4)).reshape(B, (H // P) * (W // P))
+    return G.reshape(B, H // P, P, W // P, P).mean(dim=(2, 4)).reshape(B, (H // P) * (W // P))
+
+
+def edge_energy(images: Tensor, patch_size: int, dtype=torch.float64) -> Tensor:
+    r"""Step 1: per-patch Sobel energy (:func:`patch_sobel_energy`), min-max
+    normalized per image:
+
+    .. math::
+        ê_j = (e_j - \min_l e_l) / (\max_l e_l - \min_l e_l + 10^{-6})
+
+    Returns ``ê`` of shape ``(B, L)`` in ``dtype``.
+    """
+    e = patch_sobel_energy(images, patch_size, dtype)
     lo = e.amin(dim=1, keepdim=True)
     hi = e.amax(dim=1, keepdim=True)
     return (e - lo) / (hi - lo + EPS)
