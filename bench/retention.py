@@ -1,0 +1,321 @@
+"""What each masking method keeps: object patches of synthetic scenes and
+edge energy of synthetic scenes and real photos.
+
+Methods, all at the same mask ratio and on the same noise:
+
+* ``random``     FLIP random masking (``python_ref.random_masking``);
+* ``published``  the published CLIP-PGS algorithm (``python_ref.published_pgs``),
+                 whose keep count depends on the batch: its actual keep
+                 fraction is reported next to its scores;
+* ``cluster``    E-CLIP-style cluster masking, ``pgs_select(edge_weight=0, use_ot=False)``;
+* ``pgs_no_ot``  PGS without optimal transport (``use_ot=False``);
+* ``pgs``        PGS with the SPEC's defaults.
+
+Metrics, per image, then mean and std over images x seeds:
+
+* ``object_kept``: kept object patches / object patches (synthetic only; an
+  object patch has >= 50 % object pixels, ``scenes.object_patches``);
+* ``edge_kept``: sum of kept ``e_j`` / sum of all ``e_j``, ``e_j`` the mean
+  Sobel magnitude of the normalized image over patch ``j`` (the SPEC's
+  ``e_j`` before min-max);
+* ``keep_frac``: kept patches / L.
+
+Run ``python -m bench.retention`` (``--quick`` for a smoke run). Writes
+``bench/results/retention.json``, ``retention.png`` (photos) and
+``retention-scenes.png`` (synthetic scenes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import warnings
+from typing import Callable, Dict, List, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import scenes  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+METHODS = ("random", "published", "cluster", "pgs_no_ot", "pgs")
+RATIOS = (0.3, 0.5, 0.75)
+
+
+def patch_edge_energy(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``e_j``: mean Sobel magnitude (replicated border) of the channel mean
+    over each patch, fp64, (B, L). Written independently of the kernels so
+    that the metric does not share a bug with what it measures."""
+    B, C, H, W = images.shape
+    P = patch_size
+    Y = images.double().mean(dim=1, keepdim=True)
+    sx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=torch.float64)
+    k = torch.stack([sx, sx.t()])[:, None]
+    g = F.conv2d(F.pad(Y, (1, 1, 1, 1), mode="replicate"), k)
+    G = g.pow(2).sum(dim=1).sqrt()
+    return G.reshape(B, H // P, P, W // P, P).mean(dim=(2, 4)).reshape(B, -1)
+
+
+def kept_share(dropped: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per row, sum of ``weight`` over kept patches / sum over all (NaN where
+    the total is 0)."""
+    w = weight.double()
+    total = w.sum(dim=1)
+    kept = (w * (~dropped).double()).sum(dim=1)
+    return torch.where(total > 0, kept / total, torch.full_like(total, math.nan))
+
+
+def object_kept(dropped: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:
+    """Per row, kept object patches / object patches (NaN without objects)."""
+    return kept_share(dropped, objects.double())
+
+
+def make_methods(edge_weight: float, sim_threshold: float, candidate_ratio: float,
+                 ot_reg: float, patch_size: int) -> Dict[str, Callable]:
+    """name -> f(images, noise, mask_ratio, generator) -> dropped mask (B, L)."""
+    import pgs_kernels
+    from python_ref import published_pgs, random_masking
+
+    common = dict(patch_size=patch_size, candidate_ratio=candidate_ratio, sim_threshold=sim_threshold,
+                  backend="auto")
+
+    def pgs(**kw):
+        return lambda x, u, r, g: pgs_kernels.pgs_select(x, noise=u, mask_ratio=r, **common, **kw).mask
+
+    return {
+        "random": lambda x, u, r, g: random_masking(x, noise=u, patch_size=patch_size, mask_ratio=r).mask,
+        "published": lambda x, u, r, g: published_pgs(
+            x, noise=u, generator=g, patch_size=patch_size, mask_ratio=r, candidate_ratio=candidate_ratio,
+            sim_threshold=sim_threshold).mask,
+        "cluster": pgs(edge_weight=0.0, use_ot=False),
+        "pgs_no_ot": pgs(edge_weight=edge_weight, use_ot=False),
+        "pgs": pgs(edge_weight=edge_weight, use_ot=True, ot_reg=ot_reg),
+    }
+
+
+def _summary(values: List[torch.Tensor]) -> Dict:
+    v = torch.cat(values).double()
+    v = v[~torch.isnan(v)]
+    if v.numel() == 0:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std()) if v.numel() > 1 else 0.0, "n": int(v.numel())}
+
+
+def evaluate(batches, methods: Dict[str, Callable], ratios: Sequence[float], patch_size: int,
+             with_objects: bool) -> Dict:
+    """``batches``: iterable of (images, objects or None, seed, tags). Returns
+    {ratio: {method: {metric: summary}}} plus per-tag object_kept means."""
+    acc: Dict = {}
+    for images, objects, seed, tags in batches:
+        energy = patch_edge_energy(images, patch_size)
+        B, L = energy.shape
+        for r in ratios:
+            # Same noise for every method: the comparison is paired.
+            gen = torch.Generator().manual_seed(10_000 * seed + int(round(1000 * r)))
+            noise = torch.rand((B, L), generator=gen)
+            for name, f in methods.items():
+                dropped = f(images, noise, r, gen).cpu()
+                a = acc.setdefault(r, {}).setdefault(name, {"edge_kept": [], "keep_frac": [], "object_kept": [],
+                                                            "by_tag": {}})
+                a["edge_kept"].append(kept_share(dropped, energy))
+                a["keep_frac"].append((~dropped).double().mean(dim=1))
+                if with_objects:
+                    ok = object_kept(dropped, objects)
+                    a["object_kept"].append(ok)
+                    for t, v in zip(tags, ok.tolist()):
+                        a["by_tag"].setdefault(t, []).append(v)
+    out: Dict = {}
+    for r, per in acc.items():
+        out[str(r)] = {}
+        for name, a in per.items():
+            row = {"edge_kept": _summary(a["edge_kept"]), "keep_frac": _summary(a["keep_frac"])}
+            if with_objects:
+                row["object_kept"] = _summary(a["object_kept"])
+                row["object_kept_by_background"] = {
+                    t: float(np.nanmean(v)) for t, v in sorted(a["by_tag"].items())}
+            out[str(r)][name] = row
+    return out
+
+
+def synthetic_batches(n_scenes: int, batch: int, patch_size: int):
+    for start in range(0, n_scenes, batch):
+        seeds = list(range(start, min(n_scenes, start + batch)))
+        images, masks, bgs, _ = scenes.make_scenes(seeds)
+        yield images, scenes.object_patches(masks, patch_size), start, bgs
+
+
+def photo_batches(images: torch.Tensor, names: Sequence[str], n_seeds: int):
+    for s in range(n_seeds):
+        yield images, None, s, list(names)
+
+
+def _fmt(s: Dict) -> str:
+    return "   n/a      " if s["mean"] is None else f"{s['mean']:.3f}±{s['std']:.3f}"
+
+
+def print_table(title: str, res: Dict, metrics: Sequence[str]) -> None:
+    print(f"\n{title}")
+    head = f"{'ratio':>5} {'method':<10} " + " ".join(f"{m:>12}" for m in metrics) + "   vs random"
+    print(head)
+    print("-" * len(head))
+    for r, per in res.items():
+        base = per["random"][metrics[0]]["mean"]
+        for name in METHODS:
+            row = per[name]
+            rel = row[metrics[0]]["mean"] / base if base else float("nan")
+            print(f"{float(r):>5.2f} {name:<10} " + " ".join(f"{_fmt(row[m]):>12}" for m in metrics)
+                  + f"   {rel:6.2f}x")
+
+
+def _grey(display: np.ndarray, dropped: np.ndarray, patch_size: int) -> np.ndarray:
+    """Blend dropped patches towards mid-grey so kept content stands out."""
+    img = display.copy()
+    gh, gw = img.shape[0] // patch_size, img.shape[1] // patch_size
+    P = patch_size
+    for j in np.flatnonzero(dropped):
+        y, x = (j // gw) * P, (j % gw) * P
+        img[y:y + P, x:x + P] = 0.15 * img[y:y + P, x:x + P] + 0.85 * 0.5
+    return img
+
+
+def figure(path: str, rows, col_titles: Sequence[str], row_titles: Sequence[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nr, nc = len(rows), len(rows[0])
+    fig, axes = plt.subplots(nr, nc, figsize=(2.2 * nc, 2.2 * nr), squeeze=False)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            ax = axes[i, j]
+            ax.imshow(img, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(col_titles[j], fontsize=10)
+            if j == 0:
+                ax.set_ylabel(row_titles[i], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scenes", type=int, default=256, help="synthetic scenes (seeds 0..N-1)")
+    ap.add_argument("--batch", type=int, default=32, help="batch size per call (sets published's keep count)")
+    ap.add_argument("--photo-seeds", type=int, default=16, help="noise seeds per photo")
+    ap.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
+    ap.add_argument("--edge-weight", type=float, default=1.0, help="w_e of pgs / pgs_no_ot")
+    ap.add_argument("--sim-threshold", type=float, default=0.5, help="theta of every PGS-like method")
+    ap.add_argument("--candidate-ratio", type=float, default=0.05)
+    ap.add_argument("--ot-reg", type=float, default=0.05)
+    ap.add_argument("--quick", action="store_true", help="64 scenes, 4 photo seeds")
+    ap.add_argument("--out", default=RESULTS, help="output folder")
+    ap.add_argument("--tag", default="", help="suffix of the output names (for parameter sweeps)")
+    ap.add_argument("--no-plot", action="store_true")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.scenes, args.photo_seeds = 64, 4
+    P = 16
+    warnings.filterwarnings("ignore", message="pgs_kernels: the native CPU kernel is not built")
+    import pgs_kernels
+
+    t0 = time.perf_counter()
+    methods = make_methods(args.edge_weight, args.sim_threshold, args.candidate_ratio, args.ot_reg, P)
+    synth = evaluate(synthetic_batches(args.scenes, args.batch, P), methods, args.ratios, P, True)
+    t_synth = time.perf_counter() - t0
+    photos, displays = scenes.load_photos(scenes.PHOTO_NAMES)
+    real = evaluate(photo_batches(photos, scenes.PHOTO_NAMES, args.photo_seeds), methods, args.ratios, P, False)
+    elapsed = time.perf_counter() - t0
+
+    backend = "native" if "native" in pgs_kernels.available_backends("cpu") else "reference"
+    print(f"pgs backend (auto on cpu): {backend};  w_e={args.edge_weight} theta={args.sim_threshold} "
+          f"candidate_ratio={args.candidate_ratio} eps={args.ot_reg}")
+    print_table(f"Synthetic scenes: {args.scenes} scenes, batches of {args.batch}, 224^2, P=16 "
+                "(mean±std over scenes)", synth, ("object_kept", "edge_kept", "keep_frac"))
+    print_table(f"Photos: {len(scenes.PHOTO_NAMES)} photos x {args.photo_seeds} seeds, one batch of "
+                f"{len(scenes.PHOTO_NAMES)} (mean±std over photo x seed)", real, ("edge_kept", "keep_frac"))
+
+    targets = {}
+    if "0.5" in synth:
+        s, p = synth["0.5"], real["0.5"]
+        targets = {
+            "pgs_over_random_object_kept@0.5": s["pgs"]["object_kept"]["mean"] / s["random"]["object_kept"]["mean"],
+            "target_object_ratio": 1.3,
+            "pgs_edge_kept_photos@0.5": p["pgs"]["edge_kept"]["mean"],
+            "published_edge_kept_photos@0.5": p["published"]["edge_kept"]["mean"],
+        }
+        targets["object_target_met"] = targets["pgs_over_random_object_kept@0.5"] >= 1.3
+        targets["edge_target_met"] = targets["pgs_edge_kept_photos@0.5"] > targets["published_edge_kept_photos@0.5"]
+        print(f"\nTargets @0.5: PGS/random object patches kept = "
+              f"{targets['pgs_over_random_object_kept@0.5']:.2f}x (target >= 1.3x: "
+              f"{'met' if targets['object_target_met'] else 'MISSED'}); photo edge energy kept PGS "
+              f"{targets['pgs_edge_kept_photos@0.5']:.3f} vs published "
+              f"{targets['published_edge_kept_photos@0.5']:.3f} "
+              f"({'met' if targets['edge_target_met'] else 'MISSED'})")
+    print(f"\nwall time {elapsed:.1f} s (synthetic {t_synth:.1f} s)")
+
+    os.makedirs(args.out, exist_ok=True)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    doc = {
+        "commit": commit,
+        "torch": torch.__version__,
+        "pgs_backend": backend,
+        "params": {"patch_size": P, "edge_weight": args.edge_weight, "sim_threshold": args.sim_threshold,
+                   "candidate_ratio": args.candidate_ratio, "ot_reg": args.ot_reg, "ot_iters": 20,
+                   "object_patch_min_fraction": 0.5},
+        "synthetic": {"scenes": args.scenes, "batch": args.batch, "size": 224, "results": synth},
+        "photos": {"names": list(scenes.PHOTO_NAMES), "seeds": args.photo_seeds, "batch": len(scenes.PHOTO_NAMES),
+                   "results": real},
+        "targets": targets,
+        "wall_s": elapsed,
+    }
+    suffix = f"-{args.tag}" if args.tag else ""
+    path = os.path.join(args.out, f"retention{suffix}.json")
+    with open(path, "w") as fh:
+        json.dump(doc, fh, indent=1)
+    print(f"wrote {path}")
+
+    if not args.no_plot:
+        show = ("random", "published", "pgs")
+        r = 0.5
+        gen = torch.Generator().manual_seed(0)
+        noise = torch.rand((photos.shape[0], photos.shape[2] * photos.shape[3] // P ** 2), generator=gen)
+        drops = {m: methods[m](photos, noise, r, gen).numpy() for m in show}
+        picks = [scenes.PHOTO_NAMES.index(n) for n in ("astronaut", "coffee", "chelsea", "rocket")]
+        rows = [[displays[i]] + [_grey(displays[i], drops[m][i], P) for m in show] for i in picks]
+        titles = ["photo"] + [f"{m} ({int((~drops[m][0].astype(bool)).sum())}/196 kept)" for m in show]
+        figure(os.path.join(args.out, f"retention{suffix}.png"), rows, titles,
+               [scenes.PHOTO_NAMES[i] for i in picks])
+
+        images, masks, bgs, disp = scenes.make_scenes(range(args.batch))
+        objects = scenes.object_patches(masks, P)
+        gen = torch.Generator().manual_seed(0)
+        noise = torch.rand((images.shape[0], objects.shape[1]), generator=gen)
+        drops = {m: methods[m](images, noise, r, gen).numpy() for m in show}
+        picks = [bgs.index(b) for b in scenes.BACKGROUNDS if b in bgs]
+        rows = [[disp[i], _grey(disp[i], ~objects[i].numpy(), P)] + [_grey(disp[i], drops[m][i], P) for m in show]
+                for i in picks]
+        figure(os.path.join(args.out, f"retention{suffix}-scenes.png"), rows,
+               ["scene", "object patches"] + list(show), [bgs[i] for i in picks])
+        print(f"wrote {os.path.join(args.out, f'retention{suffix}.png')} and retention{suffix}-scenes.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""The native C++ CPU kernel (``pgs_kernels._C``) against the fp64 reference.
+
+Scores (``edge``, ``redundancy``) must agree within 1e-4; selections must be
+identical on every row that :func:`stable_rows` marks as decided by more than
+that tolerance, and every output, NaN/Inf inputs included, must meet the
+invariants of :func:`assert_valid_selection`.
+"""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import pgs_kernels
+import python_ref
+from conftest import assert_valid_selection, stable_rows
+from pgs_kernels.op import SCHEMA
+from python_ref.pgs import patchify
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 1e-4
+
+needs_native = pytest.mark.skipif(
+    not pgs_kernels.NATIVE_AVAILABLE, reason=f"native extension not built ({pgs_kernels.op.NATIVE_ERROR})"
+)
+
+
+def test_native_built_in_ci():
+    """CI must build the extension: there a missing build is a failure, not a skip."""
+    if pgs_kernels.NATIVE_AVAILABLE:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set but pgs_kernels._C did not build/import: {pgs_kernels.op.NATIVE_ERROR}")
+    pytest.skip("native extension not built (fails instead when CI is set)")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def smooth_images(B, C, H, W, seed, dtype=torch.float32):
+    """Random images with structure at several scales, so that patches are
+    neither all alike nor all unrelated (and the r > θ tier is populated)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(B, C, H, W)
+    for cells in (2, 4, 8):
+        lo = torch.randn(B, C, cells, cells, generator=g)
+        x += torch.nn.functional.interpolate(lo, size=(H, W), mode="bilinear", align_corners=False)
+    x += 0.3 * torch.randn(B, C, H, W, generator=g)
+    return x.to(dtype)
+
+
+def pixel_tokens(images, P, D, seed, dtype=torch.float32):
+    """Tokens that are a fixed random projection of the patch pixels (like a
+    patch embedding), plus noise."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    x = patchify(images.float(), P)
+    proj = torch.randn(x.shape[2], D, generator=g) / math.sqrt(x.shape[2])
+    t = x @ proj + 0.5 * torch.randn(x.shape[0], x.shape[1], D, generator=g)
+    return t.to(dtype)
+
+
+def run_native(images, tokens, noise, **kw):
+    return pgs_kernels.pgs_select(images, tokens, noise=noise, return_scores=True, backend="native", **kw)
+
+
+def run_reference(images, tokens, noise, **kw):
+    """fp64 reference on the same values, upcast."""
+    t = None if tokens is None else tokens.double()
+    return python_ref.pgs_select(images.double(), t, noise=noise, return_scores=True, **kw)
+
+
+def compare(images, tokens, noise, min_stable=0.0, **kw):
+    """Checks native against the reference; returns the number of stable rows."""
+    B, _, H, W = images.shape
+    P = kw.get("patch_size", 16)
+    L = (H // P) * (W // P)
+    K, _, k = pgs_kernels.pgs_counts(L, kw.get("mask_ratio", 0.5), kw.get("candidate_ratio", 0.05))
+    nat = run_native(images, tokens, noise, **kw)
+    ref = run_reference(images, tokens, noise, **kw)
+    assert_valid_selection(nat, B, L, K)
+    assert nat.edge.dtype == torch.float32 and nat.redundancy.dtype == torch.float32
+    assert tuple(nat.candidates.shape) == (B, k) and nat.candidates.dtype == torch.int64
+    torch.testing.assert_close(nat.edge.double(), ref.edge, atol=TOL, rtol=0)
+
+    same_cand = (nat.candidates == ref.candidates).all(dim=1)
+    if k == 0:
+        assert torch.isneginf(nat.redundancy).all()
+    elif same_cand.any():
+        torch.testing.assert_close(
+            nat.redundancy[same_cand].double(), ref.redundancy[same_cand], atol=TOL, rtol=0
+        )
+    ew = kw.get("edge_weight", 1.0)
+    stable = stable_rows(ref, noise, ew, K, kw.get("sim_threshold", 0.5))
+    assert bool(same_cand[stable].all()), "candidates differ on a stable row"
+    for name in ("keep_idx", "mask"):
+        a, b = getattr(nat, name)[stable], getattr(ref, name)[stable]
+        assert torch.equal(a, b), f"{name} differs on a stable row"
+    assert stable.float().mean().item() >= min_stable, f"only {int(stable.sum())}/{B} rows stable"
+    return int(stable.sum())
+
+
+def rand_noise(B, L, seed):
+    return torch.rand(B, L, generator=torch.Generator().manual_seed(seed + 7))
+
+
+# --------------------------------------------------------------------------- agreement
+
+# (seed, B, C, H, W, P, dtype, layout, token mode, options)
+CASES = [
+    (0, 4, 3, 64, 64, 8, torch.float32, "contiguous", None, {}),
+    (1, 3, 3, 56, 84, 14, torch.float32, "channels_last", "fp32", dict(token_weight=0.5)),
+    (2, 5, 1, 48, 80, 16, torch.float32, "slice", None, dict(use_ot=False)),
+    (3, 2, 3, 64, 96, 32, torch.float32, "contiguous", "fp32", dict(token_weight=1.0, candidate_ratio=0.25)),
+    (4, 4, 3, 64, 64, 16, torch.bfloat16, "contiguous", "bf16", dict(token_weight=0.3)),
+    (5, 4, 3, 64, 64, 16, torch.float16, "channels_last", "fp16", dict(token_weight=0.7, use_ot=False)),
+    (6, 3, 1, 112, 56, 14, torch.bfloat16, "slice", None, dict(candidate_ratio=0.0)),
+    (7, 4, 3, 96, 64, 8, torch.float32, "contiguous", "strided", dict(token_weight=0.5, edge_weight=0.0)),
+    (8, 3, 3, 64, 64, 16, torch.float32, "contiguous", "dslice", dict(token_weight=0.5, mask_ratio=0.0)),
+    (9, 4, 3, 64, 64, 16, torch.float32, "slice", None, dict(mask_ratio=0.9, candidate_ratio=0.3)),
+    (10, 2, 3, 64, 64, 16, torch.float32, "contiguous", None, dict(sim_threshold=0.1, edge_weight=5.0)),
+    (11, 3, 3, 64, 64, 16, torch.float16, "contiguous", "fp32", dict(token_weight=0.5, ot_reg=0.2, ot_iters=5)),
+    (12, 2, 3, 32, 32, 8, torch.float32, "contiguous", None, dict(candidate_ratio=1.0, mask_ratio=0.3)),
+    (13, 3, 3, 64, 64, 16, torch.float32, "contiguous", "fp32", dict(use_ot=False, candidate_ratio=0.0, edge_weight=0.0)),
+    (14, 6, 3, 48, 48, 16, torch.float32, "channels_last", None, dict(mask_ratio=0.3, sim_threshold=0.2)),
+]
+
+
+def make_inputs(seed, B, C, H, W, P, dtype, layout, token_mode):
+    if layout == "slice":  # a view with a row offset and a column stride of 2
+        big = smooth_images(B, C, H + 3, 2 * W, seed, dtype)
+        images = big[:, :, 2 : 2 + H, ::2]
+        assert not images.is_contiguous()
+    else:
+        images = smooth_images(B, C, H, W, seed, dtype)
+        if layout == "channels_last":
+            images = images.contiguous(memory_format=torch.channels_last)
+    L = (H // P) * (W // P)
+    D = 48
+    tokens = None
+    if token_mode is not None:
+        base = pixel_tokens(images, P, D, seed)
+        if token_mode == "fp32":
+            tokens = base
+        elif token_mode == "bf16":
+            tokens = base.to(torch.bfloat16)
+        elif token_mode == "fp16":
+            tokens = base.to(torch.float16)
+        elif token_mode == "strided":  # stride(2) != 1
+            tokens = base.transpose(1, 2).contiguous().transpose(1, 2)
+        elif token_mode == "dslice":  # unit stride along D, a row stride larger than D
+            tokens = torch.cat([base, torch.randn(B, L, 5)], dim=2)[:, :, :D]
+    return images, tokens, rand_noise(B, L, seed)
+
+
+@needs_native
+@pytest.mark.parametrize("case", CASES, ids=[f"case{c[0]}" for c in CASES])
+def test_matches_reference(case):
+    seed, B, C, H, W, P, dtype, layout, token_mode, opts = case
+    images, tokens, noise = make_inputs(seed, B, C, H, W, P, dtype, layout, token_mode)
+    compare(images, tokens, noise, patch_size=P, min_stable=0.5, **opts)
+
+
+@needs_native
+@pytest.mark.parametrize("opts", [
+    dict(),
+    dict(token_weight=0.5),
+    dict(token_weight=0.5, use_ot=False, mask_ratio=0.3),
+    dict(edge_weight=0.0, candidate_ratio=0.1),
+])
+def test_matches_reference_on_photos(photos, opts):
+    tokens = pixel_tokens(photos, 16, 768, seed=3) if opts.get("token_weight", 0) > 0 else None
+    noise = rand_noise(photos.shape[0], 196, seed=11)
+    compare(photos, tokens, noise, min_stable=0.6, **opts)
+
+
+@needs_native
+def test_photos_low_precision(photos):
+    tokens = pixel_tokens(photos, 16, 256, seed=4)
+    noise = rand_noise(photos.shape[0], 196, seed=12)
+    for dt in (torch.bfloat16, torch.float16):
+        compare(photos.to(dt), tokens.to(dt), noise, token_weight=0.4, min_stable=0.6)
+
+
+@needs_native
+def test_disabled_terms_ignore_their_input():
+    """token_weight 0 ignores tokens, 1 ignores pixels, edge_weight 0 ignores the edge."""
+    images, tokens, noise = make_inputs(0, 3, 3, 64, 64, 16, torch.float32, "contiguous", "fp32")
+    bad_tokens = torch.full_like(tokens, float("nan"))
+    a = run_native(images, None, noise, token_weight=0.0)
+    b = run_native(images, bad_tokens, noise, token_weight=0.0)
+    assert torch.equal(a.keep_idx, b.keep_idx) and torch.equal(a.redundancy, b.redundancy)
+
+    bad_images = images.clone()
+    bad_images[:, :, 5, 7] = float("nan")
+    c = run_native(images, tokens, noise, token_weight=1.0, edge_weight=0.0)
+    d = run_native(bad_images, tokens, noise, token_weight=1.0, edge_weight=0.0)
+    assert torch.equal(c.keep_idx, d.keep_idx) and torch.equal(c.candidates, d.candidates)
+    assert torch.equal(c.redundancy, d.redundancy)
+
+
+@needs_native
+def test_constant_patches_have_zero_similarity():
+    images = torch.zeros(2, 3, 64, 64)
+    images[:, :, :32] = 0.3  # constant patches, not all equal to 0
+    images[1, :, 32:] = torch.randn(3, 32, 64)
+    noise = rand_noise(2, 16, 0)
+    nat = run_native(images, None, noise, candidate_ratio=0.25, use_ot=False)
+    ref = run_reference(images, None, noise, candidate_ratio=0.25, use_ot=False)
+    # Image 0 is constant per patch, so every similarity to its candidates is exactly 0.
+    assert torch.equal(nat.redundancy[0], torch.zeros(16))
+    torch.testing.assert_close(nat.redundancy.double(), ref.redundancy, atol=TOL, rtol=0)
+
+
+# --------------------------------------------------------------------------- special inputs
+
+
+@needs_native
+@pytest.mark.parametrize("what", ["nan_pixel", "inf_pixel", "nan_image", "ninf_image", "nan_tokens",
+                                  "inf_tokens", "nan_noise", "inf_noise", "everything"])
+def test_non_finite_inputs_give_valid_selections(what):
+    B, P, H, W = 4, 16, 64, 64
+    L = 16
+    images, tokens, noise = make_inputs(1, B, 3, H, W, P, torch.float32, "contiguous", "fp32")
+    clean = (images, tokens, noise)
+    images, tokens, noise = images.clone(), tokens.clone(), noise.clone()
+    touched = {
+        "nan_pixel": [0], "inf_pixel": [1, 2], "nan_image": [0], "ninf_image": [3], "nan_tokens": [0, 1],
+        "inf_tokens": [2], "nan_noise": [0, 1], "inf_noise": [0, 1], "everything": [0, 1, 2, 3],
+    }[what]
+    if what == "nan_pixel":
+        images[0, 1, 10, 20] = float("nan")
+    elif what == "inf_pixel":
+        images[1, 0, 33, 3] = float("inf")
+        images[2, 2, 0, 0] = -float("inf")
+    elif what == "nan_image":
+        images[0] = float("nan")
+    elif what == "ninf_image":
+        images[3] = -float("inf")
+    elif what == "nan_tokens":
+        tokens[0, 3] = float("nan")
+        tokens[1] = float("nan")
+    elif what == "inf_tokens":
+        tokens[2, 5, 0] = float("inf")
+    elif what == "nan_noise":
+        noise[0, :5] = float("nan")
+        noise[1] = float("nan")
+    elif what == "inf_noise":
+        noise[0, 2] = float("inf")
+        noise[1, 3] = -float("inf")
+    elif what == "everything":
+        images[:] = float("nan")
+        tokens[:] = float("nan")
+        noise[:] = float("nan")
+    untouched = [b for b in range(B) if b not in touched]
+    for mr, cr, ot in ((0.5, 0.05, True), (0.3, 0.25, False), (0.75, 0.0, True), (0.0, 1.0, True)):
+        K, _, k = pgs_kernels.pgs_counts(L, mr, cr)
+        for tw in (0.0, 0.5, 1.0):
+            kw = dict(mask_ratio=mr, candidate_ratio=cr, use_ot=ot, token_weight=tw)
+            sel = run_native(images, tokens, noise, **kw)
+            assert_valid_selection(sel, B, L, K)
+            assert sel.candidates.shape == (B, k)
+            # Images are independent: the other rows give their clean answer.
+            ok = run_native(*clean, **kw)
+            for a, b in zip(sel, ok):
+                assert torch.equal(a[untouched], b[untouched])
+
+
+@needs_native
+def test_nan_edge_row_matches_reference():
+    """A NaN image turns its whole edge row NaN (torch.amin/amax propagate NaN),
+    so its keys are all +inf and the candidates are the first k indices."""
+    images, _, noise = make_inputs(2, 2, 3, 64, 64, 16, torch.float32, "contiguous", None)
+    images = images.clone()
+    images[0, 0, 4, 4] = float("nan")
+    nat = run_native(images, None, noise, candidate_ratio=0.25)
+    ref = run_reference(images, None, noise, candidate_ratio=0.25)
+    assert torch.isnan(nat.edge[0]).all() and torch.isnan(ref.edge[0]).all()
+    assert torch.equal(nat.candidates[0], ref.candidates[0])
+    assert torch.equal(nat.candidates[0], torch.arange(4))
+
+
+@needs_native
+def test_empty_batch_and_extreme_counts():
+    images = torch.randn(0, 3, 32, 32)
+    sel = run_native(images, None, torch.rand(0, 4))
+    assert_valid_selection(sel, 0, 4, 2)
+    assert sel.edge.shape == (0, 4) and sel.candidates.shape == (0, 1)
+
+    images, _, noise = make_inputs(3, 3, 3, 32, 48, 16, torch.float32, "contiguous", None)
+    L = 6
+    for mr, cr in ((0.0, 0.0), (0.0, 1.0), (0.99, 1.0), (0.99, 0.0), (0.5, 0.5)):
+        compare(images, None, noise, mask_ratio=mr, candidate_ratio=cr)
+    one = run_native(images[:, :, :16, :16], None, noise[:, :1], candidate_ratio=1.0)  # L = 1
+    assert_valid_selection(one, 3, 1, 1)
+    assert (one.edge == 0).all() and (one.candidates == 0).all()
+    del L
+
+
+# --------------------------------------------------------------------------- threads, schema, opcheck
+
+
+@needs_native
+def test_thread_count_does_not_change_the_answer(photos):
+    tokens = pixel_tokens(photos, 16, 128, seed=5)
+    images = torch.cat([photos, photos.flip(-1), photos.flip(-2)])
+    tokens = torch.cat([tokens, tokens, tokens])
+    noise = rand_noise(images.shape[0], 196, seed=13)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(run_native(images, tokens, noise, token_weight=0.5))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(outs[0], outs[1]):
+        assert torch.equal(a, b)
+
+
+@needs_native
+def test_cpp_schema_equals_python_schema():
+    native = torch.ops.pgs_kernels.pgs_select.default._schema
+    assert native == torch._C.parse_schema("pgs_kernels::" + SCHEMA)
+    assert str(native) == "pgs_kernels::" + SCHEMA
+
+
+@needs_native
+def test_opcheck():
+    images, tokens, noise = make_inputs(4, 2, 3, 32, 48, 16, torch.float32, "channels_last", "fp32")
+    L = 6
+    for t, tw, ot, k in ((None, 0.0, True, 1), (tokens, 0.5, False, 2), (tokens, 1.0, True, 0)):
+        args = (images, t, noise, 16, 3, k, 0.5, tw, 1.0, ot, 0.05, 20)
+        torch.library.opcheck(torch.ops.pgs_kernels.pgs_select.default, args)
+    del L
+
+
+@needs_native
+def test_direct_call_checks_its_arguments():
+    op = torch.ops.pgs_kernels.pgs_select
+    x = torch.randn(2, 3, 32, 32)
+    u = torch.rand(2, 4)
+    ok = (x, None, u, 16, 2, 1, 0.5, 0.0, 1.0, True, 0.05, 20)
+
+    def call(**changes):
+        names = ["images", "tokens", "noise", "patch_size", "num_keep", "num_candidates", "sim_threshold",
+                 "token_weight", "edge_weight", "use_ot", "ot_reg", "ot_iters"]
+        args = list(ok)
+        for k, v in changes.items():
+            args[names.index(k)] = v
+        return op(*args)
+
+    call()
+    with pytest.raises(ValueError, match="divisible"):
+        call(images=torch.randn(2, 3, 33, 32))
+    with pytest.raises(ValueError, match="images"):
+        call(images=torch.randn(3, 32, 32))
+    with pytest.raises(TypeError, match="images"):
+        call(images=x.to(torch.int32))
+    with pytest.raises(ValueError, match="noise"):
+        call(noise=torch.rand(2, 5))
+    with pytest.raises(ValueError, match="needs tokens"):
+        call(token_weight=0.5)
+    with pytest.raises(ValueError, match="tokens"):
+        call(tokens=torch.randn(2, 5, 8), token_weight=0.5)
+    with pytest.raises(ValueError, match="num_keep"):
+        call(num_keep=5)
+    with pytest.raises(ValueError, match="num_candidates"):
+        call(num_candidates=-1)
+    with pytest.raises(ValueError, match="ot_reg"):
+        call(ot_reg=0.0)
+    with pytest.raises(ValueError, match="ot_iters"):
+        call(ot_iters=0)
+
+
+# --------------------------------------------------------------------------- fallback
+
+
+def test_fallback_without_extension():
+    """With ``_C`` hidden the package imports, warns exactly once, and the CPU
+    op runs on the reference."""
+    code = textwrap.dedent(
+        """
+        import sys, warnings
+        sys.modules["pgs_kernels._C"] = None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import pgs_kernels
+        runtime = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert len(runtime) == 1, [str(w.message) for w in runtime]
+        assert "native CPU kernel is not built" in str(runtime[0].message)
+        assert not pgs_kernels.NATIVE_AVAILABLE
+        assert "native" not in pgs_kernels.available_backends("cpu")
+        import torch
+        x = torch.randn(2, 3, 32, 32)
+        sel = pgs_kernels.pgs_select(x, mask_ratio=0.5)
+        assert sel.keep_idx.shape == (2, 2)
+        out = torch.ops.pgs_kernels.pgs_select(x, None, torch.rand(2, 4), 16, 2, 1, 0.5, 0.0, 1.0, True, 0.05, 20)
+        assert out[0].shape == (2, 2)
+        print("ok")
+        """
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.strip().endswith("ok")

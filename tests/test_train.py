@@ -1,0 +1,201 @@
+"""The thin CLIP trainer (bench/clip_model.py, clip_data.py, train_clip.py):
+every masking mode trains, the right number of tokens reaches the blocks, a
+2-process gloo run works, the loss falls on synthetic scenes, and the CSV
+loader reads real files and names the bad ones."""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bench.clip_data import CsvCaptions, SyntheticScenes  # noqa: E402
+from bench.clip_model import MASK_MODES, build_model, clip_loss  # noqa: E402
+from bench.train_clip import lr_at, parse_args, train  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def tiny_batch(n=8, device=DEVICE):
+    return SyntheticScenes(64, 32, 256, seed=3).batch(range(n), device)
+
+
+def blocks_input(model):
+    """Record (tokens, attn_mask) as the first image block receives them."""
+    seen = {}
+
+    def hook(_mod, args):
+        seen["tokens"] = args[0].shape[1]
+        seen["mask"] = args[1] if len(args) > 1 else None
+
+    model.visual.transformer.blocks[0].register_forward_pre_hook(hook)
+    return seen
+
+
+@pytest.mark.parametrize("mode", MASK_MODES)
+def test_mode_forward_backward(mode):
+    torch.manual_seed(0)
+    model = build_model("tiny", mode, mask_ratio=0.5).to(DEVICE).train()
+    model.visual.set_epoch(1, 2)  # token weight 0.5: the token-similarity path runs too
+    seen = blocks_input(model)
+    images, text = tiny_batch()
+    img_f, txt_f, scale = model(images, text)
+    loss = clip_loss(img_f, txt_f, scale)
+    loss.backward()
+    assert torch.isfinite(loss)
+    L = (64 // 8) ** 2
+    K = int(L * 0.5)
+    if mode == "none":
+        assert seen["tokens"] == 1 + L and seen["mask"] is None
+    elif mode == "published":
+        # batch-dependent K' <= K, and its attention mask sized to match
+        assert 2 <= seen["tokens"] <= 1 + K
+        assert tuple(seen["mask"].shape) == (8, 1, seen["tokens"], seen["tokens"])
+    else:
+        assert seen["tokens"] == 1 + K and seen["mask"] is None
+    assert model.visual.last_num_tokens == seen["tokens"]
+    for p in (model.visual.conv1.weight, model.visual.positional_embedding, model.text.token_embedding.weight,
+              model.logit_scale):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    # eval mode sees every patch
+    model.eval()
+    with torch.no_grad():
+        model(images, text)
+    assert seen["tokens"] == 1 + L
+
+
+def test_gradient_checkpointing_matches():
+    images, text = tiny_batch(4)
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = build_model("tiny", "none", grad_checkpointing=ckpt).to(DEVICE).train()
+        loss = clip_loss(*model(images, text))
+        loss.backward()
+        grads.append(model.visual.conv1.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-5)
+
+
+def test_synthetic_is_deterministic_per_index():
+    d = SyntheticScenes(64, 32, 256, seed=7)
+    a_img, a_tok = d.batch(range(0, 6))
+    b_img, b_tok = d.batch([4, 5])
+    assert torch.equal(a_img[4:], b_img) and torch.equal(a_tok[4:], b_tok)
+    c_img, _ = SyntheticScenes(64, 32, 256, seed=8).batch([4, 5])
+    assert not torch.equal(b_img, c_img)
+    _, caption = d.describe(0)
+    assert caption.startswith(("a ", "an ")) and any(w in caption for w in ("left", "right", "top", "bottom", "center"))
+    # EOT is the largest id and sits right after the caption
+    tok = a_tok[0]
+    n = len(d.tokenizer.encode(caption))
+    assert tok[0] == 254 and tok[n + 1] == 255 and tok.argmax() == n + 1
+
+
+def test_lr_schedule():
+    assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
+    assert lr_at(99, 100, 10, 1.0) < 0.01
+
+
+def test_loss_falls_on_synthetic(tmp_path):
+    log = train(parse_args(["--model", "tiny", "--mask", "pgs", "--steps", "60", "--epochs", "2",
+                            "--batch-size", "32", "--lr", "1e-3", "--warmup", "10", "--no-progress",
+                            "--log-json", str(tmp_path / "log.json")]))
+    losses = [s["loss"] for s in log["steps"]]
+    assert len(losses) == 60 and all(math.isfinite(x) for x in losses)
+    start, end = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert end < 0.75 * start, (start, end)
+    saved = json.loads((tmp_path / "log.json").read_text())
+    assert saved["summary"]["tokens"] == 33
+    # the published schedule: token weight epoch / epochs
+    assert {s["token_weight"] for s in saved["steps"]} == {0.0, 0.5}
+    assert saved["summary"]["images_per_s"] > 0 and 0 <= saved["summary"]["sel_share"] < 1
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo(tmp_path):
+    out = tmp_path / "ddp.json"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), os.path.join(ROOT, "bench", "train_clip.py"),
+           "--model", "tiny", "--mask", "pgs", "--steps", "2", "--batch-size", "4", "--device", "cpu",
+           "--no-progress", "--log-json", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = json.loads(out.read_text())
+    assert log["config"]["world_size"] == 2
+    assert len(log["steps"]) == 2 and all(math.isfinite(s["loss"]) for s in log["steps"])
+
+
+def test_gathered_loss_keeps_local_gradient():
+    """Without a process group the loss is the plain symmetric InfoNCE."""
+    torch.manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1).requires_grad_()
+    b = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    loss = clip_loss(a, b, torch.tensor(10.0))
+    logits = 10 * a @ b.t()
+    ref = (torch.nn.functional.cross_entropy(logits, torch.arange(5)) +
+           torch.nn.functional.cross_entropy(logits.t(), torch.arange(5))) / 2
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    assert a.grad.abs().sum() > 0
+
+
+def make_csv(tmp_path, sizes=((80, 64), (64, 96), (70, 70), (100, 64))):
+    from PIL import Image
+
+    rows = ["filepath\ttitle"]
+    for i, (w, h) in enumerate(sizes):
+        arr = (torch.rand(h, w, 3) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(tmp_path / f"img{i}.png")
+        rows.append(f"img{i}.png\tA photo, number {i}!")
+    csv_path = tmp_path / "pairs.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+    return csv_path
+
+
+def test_csv_loader(tmp_path):
+    csv_path = make_csv(tmp_path)
+    ds = CsvCaptions(str(csv_path), image_size=64, context_length=32, vocab_size=256)
+    assert len(ds) == 4
+    img, tok = ds[1]
+    assert img.shape == (3, 64, 64) and img.dtype == torch.float32 and torch.isfinite(img).all()
+    assert tok.shape == (32,) and tok[0] == 254 and tok.argmax() == 7  # sot + 6 words/punctuation, then eot
+    assert torch.equal(ds[1][1], tok)
+    # a short training run reads the CSV end to end
+    log = train(parse_args(["--model", "tiny", "--mask", "random", "--data", str(csv_path), "--steps", "2",
+                            "--batch-size", "2", "--no-progress", "--device", "cpu"]))
+    assert len(log["steps"]) == 2
+
+
+def test_csv_missing_and_unreadable(tmp_path):
+    csv_path = make_csv(tmp_path, sizes=((64, 64),))
+    with open(csv_path, "a") as f:
+        f.write("nope/missing.png\ta missing picture\n")
+        f.write("broken.png\ta broken picture\n")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    ds = CsvCaptions(str(csv_path), image_size=64, context_length=32, vocab_size=256)
+    ds[0]
+    with pytest.raises(FileNotFoundError, match=r"row 3.*missing\.png"):
+        ds[1]
+    with pytest.raises(OSError, match=r"row 4.*broken\.png"):
+        ds[2]
+    with pytest.raises(ValueError, match="no column 'caption'"):
+        CsvCaptions(str(csv_path), caption_key="caption")
+    with pytest.raises(FileNotFoundError, match="absent.csv"):
+        CsvCaptions(str(tmp_path / "absent.csv"))
