@@ -140,12 +140,15 @@ def pgs_select(
     args = (images, tokens, noise, int(patch_size), K, k, float(sim_threshold), float(token_weight),
             float(edge_weight), use_ot, float(ot_reg), int(ot_iters))
 
-    if which == "reference":
-        keep_idx, mask, edge, cand, r = pgs_select_core(*args, torch.float32)
-    elif which == "triton" and not images.is_cuda:  # the interpreter, on CPU tensors
-        keep_idx, mask, edge, cand, r = _op.pgs_select_triton(*args)
-    else:  # the dispatcher picks the native (CPU) or Triton (CUDA) kernel
-        keep_idx, mask, edge, cand, r = _op.pgs_select_op(*args)
+    # The contract is fp32 math: inside a bf16 autocast region the reference's
+    # matmuls would otherwise run in bf16 and move patches across the cut.
+    with torch.autocast(images.device.type, enabled=False):
+        if which == "reference":
+            keep_idx, mask, edge, cand, r = pgs_select_core(*args, torch.float32)
+        elif which == "triton" and not images.is_cuda:  # the interpreter, on CPU tensors
+            keep_idx, mask, edge, cand, r = _op.pgs_select_triton(*args)
+        else:  # the dispatcher picks the native (CPU) or Triton (CUDA) kernel
+            keep_idx, mask, edge, cand, r = _op.pgs_select_op(*args)
     if not return_scores:
         return PGSSelection(keep_idx, mask)
     return PGSSelection(keep_idx, mask, edge, cand, r)

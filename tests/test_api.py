@@ -229,3 +229,14 @@ def test_empty_batch():
     for b in BACKENDS:
         sel = pgs_select(torch.randn(0, 3, 32, 32, device=DEVICE), backend=b, return_scores=True)
         assert sel.keep_idx.shape == (0, 2) and sel.mask.shape == (0, 4)
+
+
+def test_autocast_does_not_lower_the_math():
+    x = _x(B=2, H=64, W=64)
+    t = torch.randn(2, 16, 32, device=DEVICE)
+    noise = torch.rand(2, 16, device=DEVICE)
+    kw = dict(noise=noise, patch_size=16, token_weight=0.5, return_scores=True, backend="reference")
+    plain = pgs_select(x, t, **kw)
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        auto = pgs_select(x, t, **kw)
+    assert torch.equal(plain.redundancy, auto.redundancy) and torch.equal(plain.mask, auto.mask)
