@@ -25,10 +25,10 @@ every step needs per-image reductions (min/max of ``e``, ranks over all
 patches, Sinkhorn row and column sums), so keeping an image inside one
 program makes the whole selection one launch with no host sync and no
 cross-program communication. Pixels are read in two passes, which the
-candidate dependency forces: pass 1 (edge energy and each patch's mean and
-centered norm, Chan-combined per row so near-constant patches lose no
-precision) streams the image once with a rolling three-row Sobel window;
-pass 2 (the ``k x L`` similarity) streams it again in ``(elements x patches)``
+candidate dependency forces. Pass 1 streams the image once with a rolling
+three-row Sobel window and also takes each patch's mean and centered norm of
+``x - x[first pixel]``, Chan-combined per row (a constant patch gets exactly
+zero, so zero similarity; near-constant ones lose no precision). Pass 2 (the ``k x L`` similarity) streams it again in ``(elements x patches)``
 tiles against the candidates' tiles with ``tl.dot`` (fp32 ``ieee``; bf16/fp16
 tokens go to the tensor cores in their own dtype, whose products are exact in
 the fp32 accumulator). Per-patch vectors that must be re-read in another
@@ -387,6 +387,38 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def _launch_config(B, C, L, P, D, k, alpha, tok_lowp, edge_weight, use_ot, ot_iters):
+    """Grid size, fp32 scratch columns per program and the kernel's
+    compile-time arguments for one call (also used by the compile test)."""
+    BLOCK_L = max(16, _pow2(L))
+    BLOCK_P = _pow2(P)
+    BJ_A = min(BLOCK_L, max(1, 1024 // BLOCK_P))
+    RB = max(1, min(BLOCK_L, 4096 // BLOCK_L))
+    has_cand = k > 0
+    kp = max(16, _pow2(k))
+    BK = min(kp, max(16, _S_TILE // BLOCK_L))  # one register tile of S when k is small
+    NUM_KB = triton.cdiv(k, BK) if has_cand else 0
+    kpad = NUM_KB * BK
+    # Similarity tiles: (BK x E) @ (E x BJ) and (BK x DB) @ (DB x BJ). Small
+    # K-chunks keep the fp32 FMA dot and the pipelined loads near 128
+    # registers a thread (ptxas for sm_90, no spills at L = 196 with 8 warps
+    # and L = 1024 with 16), i.e. 16 resident warps an SM.
+    BJ = min(BLOCK_L, 32)
+    E = 16
+    DB = min(32, max(16, _pow2(D)))
+    fws_cols = 4 * BLOCK_L + kpad + kpad * BLOCK_L
+    per_prog = 4 * fws_cols + 4 * 2 * BLOCK_L
+    nprog = max(1, min(B, _SCRATCH_BUDGET // per_prog))
+    meta = dict(
+        ITERS=triton.cdiv(B, nprog), C=C, L=L, D=D, T=int(ot_iters),
+        P=P, BLOCK_P=BLOCK_P, BLOCK_L=BLOCK_L, BJ_A=BJ_A, RB=RB, BK=BK, NUM_KB=NUM_KB, BJ=BJ,
+        E=E, DB=DB, USE_PIX=alpha < 1, USE_TOK=alpha > 0, TOK_LOWP=bool(tok_lowp),
+        USE_EDGE=float(edge_weight) != 0.0, USE_OT=bool(use_ot), HAS_CAND=has_cand,
+        num_warps=8 if BLOCK_L <= 256 else 16,
+    )
+    return nprog, fws_cols, meta
+
+
 def pgs_select_triton(images, tokens, noise, patch_size, num_keep, num_candidates, sim_threshold,
                       token_weight, edge_weight, use_ot, ot_reg, ot_iters):
     """The ``pgs_kernels::pgs_select`` kernel for CUDA tensors (and CPU tensors
@@ -415,44 +447,27 @@ def pgs_select_triton(images, tokens, noise, patch_size, num_keep, num_candidate
 
     alpha = float(token_weight)
     use_tok = alpha > 0
-    use_pix = alpha < 1
     if use_tok and tokens is None:
         raise ValueError(f"token_weight={token_weight} > 0 needs tokens, got tokens=None")
     tok = tokens if use_tok else images  # a placeholder pointer when tokens are off
     if use_tok:
         D = tokens.shape[2]
         st = tokens.stride()
-        # Tensor cores take bf16/fp16 as they are; the interpreter's dot does not
-        # handle them (it multiplies the raw bits), so it gets the fp32 path.
-        tok_lowp = tokens.dtype in (torch.bfloat16, torch.float16) and tokens.is_cuda
+        # Tensor cores take bf16/fp16 as they are. The interpreter keeps bf16 as
+        # raw uint16 bits and its dot would multiply those: bf16 gets the fp32
+        # path there.
+        tok_lowp = tokens.dtype == torch.float16 or (tokens.dtype == torch.bfloat16 and tokens.is_cuda)
     else:
         D, st, tok_lowp = 1, (0, 0, 0), False
 
-    BLOCK_L = max(16, _pow2(L))
-    BLOCK_P = _pow2(P)
-    BJ_A = min(BLOCK_L, max(1, 1024 // BLOCK_P))
-    RB = max(1, min(BLOCK_L, 4096 // BLOCK_L))
-    has_cand = k > 0
-    kp = max(16, _pow2(k))
-    BK = min(kp, max(16, _S_TILE // BLOCK_L))  # one register tile of S when k is small
-    NUM_KB = triton.cdiv(k, BK) if has_cand else 0
-    kpad = NUM_KB * BK
-    # Similarity tiles: (BK x E) @ (E x BJ) and (BK x DB) @ (DB x BJ). Small
-    # K-chunks keep the fp32 FMA dot and the pipelined loads near 128
-    # registers a thread at 8 warps (checked with ptxas for sm_90: no spills
-    # at L = 196 and L = 1024), i.e. two programs per SM.
-    BJ = min(BLOCK_L, 32)
-    E = 16
-    DB = min(32, max(16, _pow2(D)))
-
-    per_prog = 4 * (4 * BLOCK_L + kpad + kpad * BLOCK_L) + 4 * 2 * BLOCK_L
-    nprog = max(1, min(B, _SCRATCH_BUDGET // per_prog))
-    fws = torch.empty((nprog, 4 * BLOCK_L + kpad + kpad * BLOCK_L), dtype=torch.float32, device=dev)
+    nprog, fws_cols, meta = _launch_config(B, C, L, P, D, k, alpha, tok_lowp, edge_weight, use_ot, ot_iters)
+    BLOCK_L = meta["BLOCK_L"]
+    fws = torch.empty((nprog, fws_cols), dtype=torch.float32, device=dev)
     iws = torch.empty((nprog, 2 * BLOCK_L), dtype=torch.int32, device=dev)
 
     si = images.stride()
     sn = noise.stride()
-    log2_a = -math.log2(k) if has_cand else 0.0
+    log2_a = -math.log2(k) if k > 0 else 0.0
     args = (
         images, si[0], si[1], si[2], si[3],
         tok, st[0], st[1], st[2],
@@ -461,13 +476,6 @@ def pgs_select_triton(images, tokens, noise, patch_size, num_keep, num_candidate
         fws, iws,
         B, H, W, gw, M, K, k,
         float(sim_threshold), alpha, float(edge_weight), _LOG2E / float(ot_reg), log2_a, -math.log2(L),
-    )
-    meta = dict(
-        ITERS=triton.cdiv(B, nprog), C=C, L=L, D=D, T=int(ot_iters),
-        P=P, BLOCK_P=BLOCK_P, BLOCK_L=BLOCK_L, BJ_A=BJ_A, RB=RB, BK=BK, NUM_KB=NUM_KB, BJ=BJ,
-        E=E, DB=DB, USE_PIX=use_pix, USE_TOK=use_tok, TOK_LOWP=tok_lowp,
-        USE_EDGE=float(edge_weight) != 0.0, USE_OT=bool(use_ot), HAS_CAND=has_cand,
-        num_warps=8 if BLOCK_L <= 256 else 16,
     )
     if images.is_cuda:
         with torch.cuda.device(dev):

@@ -132,6 +132,7 @@ def test_non_contiguous_inputs():
             assert torch.equal(a, b)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("what", ["images_nan", "images_inf", "tokens_nan", "tokens_inf", "noise_nan"])
 @pytest.mark.parametrize("use_ot", [True, False])
 def test_non_finite_inputs_give_valid_selections(what, use_ot):
@@ -284,3 +285,61 @@ def test_vit_b16_size():
     tokens = torch.randn(256, 196, 768, device="cuda", generator=g).bfloat16()
     noise = torch.rand(256, 196, device="cuda", generator=g)
     _check(images, tokens, noise, patch_size=16, token_weight=0.5)
+
+
+# ---- the compiled path, without a GPU ---------------------------------------------------
+
+_COMPILE_SCRIPT = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from pgs_kernels import triton_pgs as tp
+
+PTR = {"img_ptr": None, "tok_ptr": None, "noise_ptr": "*fp32", "keep_ptr": "*i64", "mask_ptr": "*i1",
+       "edge_ptr": "*fp32", "cand_ptr": "*i64", "red_ptr": "*fp32", "fws_ptr": "*fp32", "iws_ptr": "*i32"}
+FLOATS = {"sim_threshold", "token_weight", "edge_weight", "z_scale", "log2_a", "log2_b"}
+# (B, C, H, W, P, D, k, alpha, images dtype, tokens dtype, use_ot)
+CONFIGS = [
+    (256, 3, 224, 224, 16, 768, 10, 0.5, "fp32", "bf16", True),   # the ViT-B/16 target
+    (8, 1, 56, 84, 14, 64, 3, 0.0, "bf16", "fp32", False),
+    (8, 4, 1024, 1024, 32, 2048, 1024, 1.0, "fp16", "fp32", True),  # the large-k path
+    (8, 3, 64, 64, 16, 8, 0, 0.3, "fp32", "fp16", True),
+]
+for B, C, H, W, P, D, k, alpha, idt, tdt, use_ot in CONFIGS:
+    L = (H // P) * (W // P)
+    nprog, _, meta = tp._launch_config(B, C, L, P, D, k, alpha, tdt in ("bf16", "fp16"), 1.0, use_ot, 20)
+    num_warps = meta.pop("num_warps")
+    names = tp._pgs_kernel.arg_names
+    sig = {}
+    for n in names:
+        if n in meta:
+            sig[n] = "constexpr"
+        elif n in PTR:
+            sig[n] = PTR[n] or ("*" + (idt if n == "img_ptr" else tdt))
+        else:
+            sig[n] = "fp32" if n in FLOATS else "i32"
+    src = ASTSource(fn=tp._pgs_kernel, signature=sig, constexprs={(names.index(n),): v for n, v in meta.items()})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    print("compiled", B, C, H, W, P, D, k, alpha, flush=True)
+"""
+
+
+def test_compiles_for_sm90():
+    """The interpreter runs numpy, not the compiler: check that the real Triton
+    compiler (down to a cubin for an H100) accepts the kernel for the shapes we
+    support, on this machine too."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("no ptxas here")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("compiled") == 4
