@@ -6,8 +6,9 @@ Times ``pgs_kernels.pgs_select(..., backend="native")`` and
 ``python_ref.pgs_select(..., dtype=float32)`` (and ``dtype=float64``, for
 information) on the same inputs and noise, with 1 and with 2 intra-op threads
 (``torch.set_num_threads``). Each figure is the median of ``--repeats`` calls
-after ``--warmup`` calls, timed with ``time.perf_counter``; the configurations
-are interleaved round by round so a busy neighbour hurts each alike.
+after ``--warmup`` calls, timed with ``time.perf_counter``; for each thread
+count the implementations are interleaved round by round, so a busy
+neighbour hurts each alike.
 
 Prints a table and writes ``bench/results/native-cpu.json``: the CPU model,
 torch version, commit, the machine's load average at start and end, and one
@@ -104,14 +105,14 @@ def main(argv=None):
     before = torch.get_num_threads()
     times = {(name, n): [] for name in impls for n in threads}
     try:
+        # One thread count at a time (switching counts leaves OpenMP workers
+        # spinning), implementations interleaved round by round within it.
         for n in threads:
             torch.set_num_threads(n)
             for fn in impls.values():
                 for _ in range(args.warmup):
                     fn()
-        for _ in range(args.repeats):  # interleaved rounds
-            for n in threads:
-                torch.set_num_threads(n)
+            for _ in range(args.repeats):
                 for name, fn in impls.items():
                     t0 = time.perf_counter()
                     fn()

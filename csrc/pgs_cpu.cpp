@@ -45,10 +45,10 @@
 #include <type_traits>
 #include <vector>
 
-// The hot loops get an AVX2+FMA clone next to the baseline one; the loader
+// The hot loops get AVX-512 and AVX2+FMA clones next to the baseline one; the loader
 // picks per machine, so one build serves every x86-64 CPU.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define PGS_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define PGS_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define PGS_HOT
 #endif
@@ -333,10 +333,13 @@ template <typename T>
 void load_image(const T* base, const int64_t* st, const Geometry& g, bool want_pixels, float* X,
                 float* Y, float* rowbuf) {
   const int64_t C = g.C, H = g.H, W = g.W, P = g.P, gw = g.gw, PP = P * P;
-  for (int64_t c = 0; c < C; ++c) {
-    for (int64_t y = 0; y < H; ++y) {
+  const float Cf = static_cast<float>(C);
+  // Row-major over y with the channels inside, so that the Y row being
+  // summed stays in L1.
+  for (int64_t y = 0; y < H; ++y) {
+    float* yr = Y + y * W;
+    for (int64_t c = 0; c < C; ++c) {
       const float* v = row_as_float(base + c * st[0] + y * st[1], st[2], W, rowbuf);
-      float* yr = Y + y * W;
       if (c == 0) {
         std::memcpy(yr, v, sizeof(float) * W);
       } else {
@@ -347,10 +350,9 @@ void load_image(const T* base, const int64_t* st, const Geometry& g, bool want_p
         for (int64_t pc = 0; pc < gw; ++pc) std::memcpy(dst + pc * C * PP, v + pc * P, sizeof(float) * P);
       }
     }
-  }
-  if (C > 1) {
-    const float Cf = static_cast<float>(C);
-    for (int64_t t = 0; t < H * W; ++t) Y[t] /= Cf;
+    if (C > 1) {
+      for (int64_t x = 0; x < W; ++x) yr[x] /= Cf;
+    }
   }
 }
 
@@ -395,7 +397,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_selec
   TORCH_CHECK_VALUE(images.device().is_cpu(), "pgs_select (native): images must be a CPU tensor, got ",
                     images.device());
   TORCH_CHECK_TYPE(is_float_dtype(images.scalar_type()),
-                   "pgs_select: images must be float16, bfloat16 or float32, got ", images.scalar_type());
+                   "pgs_select: images must be float16, bfloat16, float32 or float64, got ", images.scalar_type());
   TORCH_CHECK_VALUE(patch_size >= 1, "pgs_select: patch_size must be >= 1, got ", patch_size);
   const int64_t B = images.size(0), C = images.size(1), H = images.size(2), W = images.size(3);
   const int64_t P = patch_size;
