@@ -105,9 +105,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_cpu(fn: Callable, target_s: float = 0.15, min_reps: int = 3, max_reps: int = 50) -> float:
-    """Median ms of ``fn`` after one warm-up call; the number of repeats fills
-    about ``target_s`` but stays within [min_reps, max_reps]."""
+def time_cpu(fn: Callable, target_s: float = 0.15, min_reps: int = 3, max_reps: int = 50) -> Tuple[float, float]:
+    """(median, min) ms of ``fn`` after one warm-up call; the number of
+    repeats fills about ``target_s`` but stays within [min_reps, max_reps]."""
     fn()
     t0 = time.perf_counter()
     fn()
@@ -118,7 +118,7 @@ def time_cpu(fn: Callable, target_s: float = 0.15, min_reps: int = 3, max_reps: 
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * statistics.median(times), 1e3 * min(times)
 
 
 def time_cuda(fn: Callable, device: torch.device) -> float:
@@ -309,7 +309,11 @@ def run_series(device, impls, batches, res, P, dtype_name, tokens_dtype_name, bu
                     call()
                     _sync(device)
                     extra["first_call_s"] = round(time.perf_counter() - t0, 3)
-                ms = time_cuda(call, device) if device.type == "cuda" else time_cpu(call)
+                if device.type == "cuda":
+                    ms = ms_min = time_cuda(call, device)
+                else:
+                    ms, ms_min = time_cpu(call)
+                    extra["ms_min"] = round(ms_min, 5)
             except Exception as exc:  # record and carry on: one broken impl must not sink the sweep
                 msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
                 log(f"  ! {name} B={B}: {msg}")
@@ -320,7 +324,9 @@ def run_series(device, impls, batches, res, P, dtype_name, tokens_dtype_name, bu
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
-            last[name] = (B, ms)
+            # The fastest sample predicts the next batch: on a shared machine
+            # the median carries other processes' time slices.
+            last[name] = (B, ms_min)
             row = {"impl": name, "backend": backend, "batch": B, **base, "ms": round(ms, 5), **extra}
             if name == FUSED:
                 fused_ms = ms
@@ -430,7 +436,7 @@ def plot(path: str, rows, device_label: str) -> None:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"PGS selection latency, {device_label}", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the suptitle
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -568,6 +574,13 @@ def main(argv=None) -> int:
             doc["merged_commits"] = sorted(set(old.get("merged_commits", [old.get("commit")])) | {doc["commit"]})
             log(f"merging into {out}: kept {len(doc['rows'])} rows of other series")
     doc["loadavg_start"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load = doc["loadavg_start"]
+    if not gpu and load and load[0] > (os.cpu_count() or 1) - 0.5 and torch.get_num_threads() > 1:
+        # Seen here: python_ref at B=1 took 230-700 ms with 2 threads on a busy
+        # 2-core machine and 3.4 ms with 1 (OpenMP threads wait out each
+        # other's time slices). Such timings measure the neighbours.
+        log(f"WARNING: load average {load[0]:.1f} on {os.cpu_count()} cores with {torch.get_num_threads()} torch "
+            f"threads: multi-threaded timings will be dominated by contention; consider --threads 1")
     log(f"device {doc['device_name']}  torch {doc['torch']}  triton {doc['triton']}  commit {doc['commit'][:12]}")
     log(f"fused op = pgs_select(backend='auto') -> {doc['fused_backend']};  timer: {doc['timer']}")
     if copy_gbps:
