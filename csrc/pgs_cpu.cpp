@@ -45,33 +45,73 @@
 #include <type_traits>
 #include <vector>
 
-// The hot loops get AVX-512 and AVX2+FMA clones next to the baseline one; the loader
-// picks per machine, so one build serves every x86-64 CPU.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define PGS_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PGS_HOT
-#endif
-
 namespace pgs {
 namespace {
 
 constexpr double kEps = 1e-6;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// exp for fp32 that gcc vectorizes (libm's expf is a call per element). Range
-// reduction x = n ln2 + r with |r| <= ln2/2, degree-7 Taylor for e^r (error
-// ~5e-9 relative, below fp32 rounding), 2^n built in the exponent bits.
-// Saturates to 0 below -87 (glibc would give denormals down to -103, which
-// never matter next to the terms they are summed with) and to +inf above 88.
-static inline __attribute__((always_inline)) float fast_exp(float x) {
-  const float hi = 88.0f, lo = -87.0f;
-  float xc = x > hi ? hi : x;
-  xc = xc < lo ? lo : xc;  // NaN passes through both
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  float r = xc - n * 0.693145751953125f;
+// Everything per image is written once over GCC vector types of VW floats and
+// compiled three times (AVX-512, AVX2+FMA, baseline SSE2) through target
+// attributes on the entry points below; the helpers are forced inline so that
+// they take the target of the entry point that calls them.
+#define PGS_INL inline __attribute__((always_inline))
+
+template <int VW>
+struct VT {
+  typedef float F __attribute__((vector_size(VW * sizeof(float))));
+  typedef int32_t I __attribute__((vector_size(VW * sizeof(float))));
+};
+
+template <class V>
+PGS_INL V vload(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <class V>
+PGS_INL void vstore(float* p, V v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+// Pairwise over lanes, so the order is fixed by VW alone.
+template <int VW>
+PGS_INL float hsum(typename VT<VW>::F v) {
+  float a[VW];
+  std::memcpy(a, &v, sizeof a);
+#pragma GCC unroll 8
+  for (int w = VW / 2; w >= 1; w /= 2) {
+#pragma GCC unroll 16
+    for (int l = 0; l < w; ++l) a[l] += a[l + w];
+  }
+  return a[0];
+}
+
+// Lanes l < n set, the rest clear.
+template <int VW>
+PGS_INL typename VT<VW>::I lanes_below(int64_t n) {
+  typename VT<VW>::I idx;
+  for (int l = 0; l < VW; ++l) idx[l] = l;
+  return idx < static_cast<int32_t>(n);
+}
+
+// exp for fp32. Range reduction x = n ln2 + r with |r| <= ln2/2, degree-7
+// Taylor for e^r (error ~5e-9 relative, below fp32 rounding), 2^n built in
+// the exponent bits. The clamp to [-88, 89] makes n = -127 give the scale 0
+// and n = 128 the scale inf, so that underflow to 0 and overflow to inf (also
+// for -inf, +inf) need no further selects; NaN stays NaN through p.
+template <int VW>
+PGS_INL typename VT<VW>::F vexp(typename VT<VW>::F x) {
+  using F = typename VT<VW>::F;
+  using I = typename VT<VW>::I;
+  const float hi = 89.0f, lo = -88.0f;
+  F xc = x > hi ? F{} + hi : x;
+  xc = xc < lo ? F{} + lo : xc;
+  const F n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  F r = xc - n * 0.693145751953125f;
   r = r - n * 1.428606765330187e-06f;
-  float p = 1.9841270e-4f;
+  F p = F{} + 1.9841270e-4f;
   p = p * r + 1.3888889e-3f;
   p = p * r + 8.3333333e-3f;
   p = p * r + 4.1666667e-2f;
@@ -79,32 +119,117 @@ static inline __attribute__((always_inline)) float fast_exp(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  float y = p * scale;
-  y = x < lo ? 0.0f : y;
-  y = x > hi ? kInf : y;
-  return y;
+  // A NaN n would convert to an arbitrary integer; 0 keeps the shift defined.
+  const I ni = x != x ? I{} : __builtin_convertvector(n, I);
+  const I bits = (ni + 127) << 23;
+  return p * (F)bits;
+}
+
+// log for fp32 (Cephes logf: m in [sqrt(1/2), sqrt(2)), degree-8 polynomial,
+// ~1 ulp). log 0 = -inf, log inf = inf, negative or NaN -> NaN; denormals are
+// scaled into the normal range first.
+template <int VW>
+PGS_INL typename VT<VW>::F vlog(typename VT<VW>::F x0) {
+  using F = typename VT<VW>::F;
+  using I = typename VT<VW>::I;
+  const I tiny = x0 < 1.17549435e-38f;
+  const F x = tiny ? x0 * 8388608.0f : x0;  // 2^23
+  const I xb = (I)x;
+  I e = ((xb >> 23) & 0xff) - 126;
+  e = tiny ? e - 23 : e;
+  const I mb = (xb & 0x807fffff) | 0x3f000000;
+  F m = (F)mb;  // [0.5, 1)
+  const I small = m < 0.707106781186547524f;
+  e = small ? e - 1 : e;
+  m = small ? (m + m) - 1.0f : m - 1.0f;
+  const F z = m * m;
+  F y = F{} + 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const F fe = __builtin_convertvector(e, F);
+  y = y + fe * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  F r = m + y;
+  r = r + fe * 0.693359375f;
+  r = x0 == 0.0f ? F{} - kInf : r;
+  r = x0 == kInf ? F{} + kInf : r;
+  r = (x0 < 0.0f || x0 != x0) ? F{} + std::numeric_limits<float>::quiet_NaN() : r;
+  return r;
 }
 
 // torch.logsumexp's shift: the maximum, or 0 where the maximum is +-inf.
-static inline float lse_shift(float m) { return std::isinf(m) ? 0.0f : m; }
+template <int VW>
+PGS_INL typename VT<VW>::F vshift(typename VT<VW>::F m) {
+  using F = typename VT<VW>::F;
+  return (m == kInf || m == -kInf) ? F{} : m;
+}
 
-// Sobel magnitude summed per patch (double sums, so the mean over P^2 pixels
-// loses nothing). The Sobel is separable: V = up + 2 mid + down gives
+struct Geometry {
+  int64_t C, H, W, P, gh, gw, L;
+};
+
+// Channel sum of image row y (c = 0 first). The Sobel is linear, so the
+// channel mean's Sobel is this row's divided by C, which is done once per
+// patch sum instead of once per pixel.
+template <int VW>
+PGS_INL void sum_row(const float* __restrict img, int64_t sc, int64_t sy, const Geometry& g, int64_t y,
+                     float* __restrict dst) {
+  using F = typename VT<VW>::F;
+  const int64_t W = g.W, nv = W / VW * VW;
+  const float* src = img + y * sy;
+  if (g.C == 3) {
+    const float *s1 = src + sc, *s2 = src + 2 * sc;
+    for (int64_t x = 0; x < nv; x += VW) {
+      vstore(dst + x, (vload<F>(src + x) + vload<F>(s1 + x)) + vload<F>(s2 + x));
+    }
+    for (int64_t x = nv; x < W; ++x) dst[x] = (src[x] + s1[x]) + s2[x];
+    return;
+  }
+  for (int64_t x = 0; x < nv; x += VW) vstore(dst + x, vload<F>(src + x));
+  for (int64_t x = nv; x < W; ++x) dst[x] = src[x];
+  for (int64_t c = 1; c < g.C; ++c) {
+    const float* s = src + c * sc;
+    for (int64_t x = 0; x < nv; x += VW) vstore(dst + x, vload<F>(dst + x) + vload<F>(s + x));
+    for (int64_t x = nv; x < W; ++x) dst[x] += s[x];
+  }
+}
+
+// Sobel magnitude of the channel sum, summed per patch. The channel-sum rows
+// live in a ring of three, so the image is read once and no mean image is
+// stored. The Sobel is separable: V = up + 2 mid + down gives
 // Gx(x) = V(x+1) - V(x-1); D = down - up gives Gy(x) = D(x-1) + 2 D(x) + D(x+1).
-// A replicated border makes V and D replicate too, hence the padded rows.
-PGS_HOT void sobel_patch_sums(const float* Y, int64_t H, int64_t W, int64_t P, int64_t gw,
-                              double* esum, float* scratch) {
-  float* V = scratch;          // W + 2
-  float* D = scratch + W + 2;  // W + 2
-  float* G = D + W + 2;        // W
+// A replicated border makes V and D replicate too, hence the padded rows. G is
+// summed over the P rows of a patch row per column in fp32, then over the P
+// columns of a patch in double. scratch: 7 W + 4 floats.
+template <int VW>
+PGS_INL void edge_sums(const float* img, int64_t sc, int64_t sy, const Geometry& g, double* esum,
+                       float* scratch) {
+  using F = typename VT<VW>::F;
+  const int64_t H = g.H, W = g.W, P = g.P, gw = g.gw, nv = W / VW * VW;
+  float* ring = scratch;              // 3 W
+  float* __restrict V = ring + 3 * W;  // W + 2
+  float* __restrict D = V + W + 2;     // W + 2
+  float* __restrict acc = D + W + 2;   // W
+  sum_row<VW>(img, sc, sy, g, 0, ring);
+  if (H > 1) sum_row<VW>(img, sc, sy, g, 1, ring + W);
   for (int64_t y = 0; y < H; ++y) {
-    const float* up = Y + std::max<int64_t>(y - 1, 0) * W;
-    const float* mid = Y + y * W;
-    const float* dn = Y + std::min<int64_t>(y + 1, H - 1) * W;
-    for (int64_t x = 0; x < W; ++x) {
+    if (y >= 1 && y + 1 < H) sum_row<VW>(img, sc, sy, g, y + 1, ring + ((y + 1) % 3) * W);
+    const float* __restrict up = ring + (std::max<int64_t>(y - 1, 0) % 3) * W;
+    const float* __restrict mid = ring + (y % 3) * W;
+    const float* __restrict dn = ring + (std::min<int64_t>(y + 1, H - 1) % 3) * W;
+    for (int64_t x = 0; x < nv; x += VW) {
+      const F u = vload<F>(up + x), d = vload<F>(dn + x);
+      vstore(V + x + 1, (u + 2.0f * vload<F>(mid + x)) + d);
+      vstore(D + x + 1, d - u);
+    }
+    for (int64_t x = nv; x < W; ++x) {
       V[x + 1] = (up[x] + 2.0f * mid[x]) + dn[x];
       D[x + 1] = dn[x] - up[x];
     }
@@ -112,122 +237,175 @@ PGS_HOT void sobel_patch_sums(const float* Y, int64_t H, int64_t W, int64_t P, i
     V[W + 1] = V[W];
     D[0] = D[1];
     D[W + 1] = D[W];
-    for (int64_t x = 0; x < W; ++x) {
+    const bool first = y % P == 0;
+    float* __restrict m2 = acc + W;  // W
+    for (int64_t x = 0; x < nv; x += VW) {
+      const F gx = vload<F>(V + x + 2) - vload<F>(V + x);
+      const F gy = (vload<F>(D + x) + 2.0f * vload<F>(D + x + 1)) + vload<F>(D + x + 2);
+      vstore(m2 + x, gx * gx + gy * gy);
+    }
+    for (int64_t x = nv; x < W; ++x) {
       const float gx = V[x + 2] - V[x];
       const float gy = (D[x] + 2.0f * D[x + 1]) + D[x + 2];
-      G[x] = std::sqrt(gx * gx + gy * gy);
+      m2[x] = gx * gx + gy * gy;
     }
-    double* erow = esum + (y / P) * gw;
-    for (int64_t pc = 0; pc < gw; ++pc) {
-      const float* seg = G + pc * P;
-      float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t t = 0; t < P; ++t) s += seg[t];
-      erow[pc] += s;
+    // A plain loop, so that gcc emits the vector sqrt.
+    if (first) {
+      for (int64_t x = 0; x < W; ++x) acc[x] = std::sqrt(m2[x]);
+    } else {
+      for (int64_t x = 0; x < W; ++x) acc[x] += std::sqrt(m2[x]);
     }
-  }
-}
-
-// Pixel rows: x <- x - mean(x) in place; inv[j] = 1 / (|x~_j| + 1e-6).
-// The mean is taken as x_0 + mean(x - x_0): a constant patch then centers to
-// exactly zero (zero similarity, as in the fp64 reference), and the shift
-// keeps fp32 cancellation small for patches with a large offset.
-PGS_HOT void center_rows(float* X, int64_t n, int64_t dim, float* inv) {
-  for (int64_t j = 0; j < n; ++j) {
-    float* v = X + j * dim;
-    const float v0 = v[0];
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t t = 0; t < dim; ++t) s += v[t] - v0;
-    const float mean = s / static_cast<float>(dim);
-    float q = 0.0f;
-#pragma omp simd reduction(+ : q)
-    for (int64_t t = 0; t < dim; ++t) {
-      const float c = (v[t] - v0) - mean;
-      v[t] = c;
-      q += c * c;
-    }
-    inv[j] = static_cast<float>(1.0 / (std::sqrt(static_cast<double>(q)) + kEps));
-  }
-}
-
-// inv[j] = 1 / (|V_j| + 1e-6) for rows j of V (row stride ld).
-PGS_HOT void inverse_norms(const float* V, int64_t ld, int64_t n, int64_t dim, float* inv) {
-  for (int64_t j = 0; j < n; ++j) {
-    const float* v = V + j * ld;
-    float q = 0.0f;
-#pragma omp simd reduction(+ : q)
-    for (int64_t t = 0; t < dim; ++t) q += v[t] * v[t];
-    inv[j] = static_cast<float>(1.0 / (std::sqrt(static_cast<double>(q)) + kEps));
-  }
-}
-
-// Register tile: two rows V_j, V_j+1 against NB <= 5 candidates. Each step
-// loads NB + 2 vectors for 2 NB independent FMAs; the 8 + 2 or 1 + 1 tilings
-// are bound by loads or by the FMA latency instead.
-#define PGS_DOTS_CASE(NB)                                                              \
-  case NB: {                                                                           \
-    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f, s4 = 0.f;                            \
-    float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f, t4 = 0.f;                            \
-    _Pragma("omp simd reduction(+ : s0, s1, s2, s3, s4, t0, t1, t2, t3, t4)")          \
-    for (int64_t t = 0; t < dim; ++t) {                                                \
-      const float x0t = x0[t], x1t = x1[t];                                            \
-      if (NB > 0) { const float c = a[0][t]; s0 += c * x0t; t0 += c * x1t; }           \
-      if (NB > 1) { const float c = a[1][t]; s1 += c * x0t; t1 += c * x1t; }           \
-      if (NB > 2) { const float c = a[2][t]; s2 += c * x0t; t2 += c * x1t; }           \
-      if (NB > 3) { const float c = a[3][t]; s3 += c * x0t; t3 += c * x1t; }           \
-      if (NB > 4) { const float c = a[4][t]; s4 += c * x0t; t4 += c * x1t; }           \
-    }                                                                                  \
-    d0[0] = s0; d0[1] = s1; d0[2] = s2; d0[3] = s3; d0[4] = s4;                        \
-    d1[0] = t0; d1[1] = t1; d1[2] = t2; d1[3] = t3; d1[4] = t4;                        \
-    break;                                                                             \
-  }
-
-// S[i, j] (+)= w inv[cand_i] inv[j] <V_cand_i, V_j> for the k candidates and
-// all L rows of V (row stride ld).
-PGS_HOT void candidate_dots(const float* V, int64_t ld, int64_t L, int64_t dim, const float* inv,
-                            const int64_t* cand, int64_t k, float w, bool accumulate, float* S) {
-  // Candidate blocks of near-equal size (10 = 5 + 5, not 5 + 4 + 1).
-  const int64_t nblocks = (k + 4) / 5;
-  for (int64_t j = 0; j < L; j += 2) {
-    const bool pair = j + 1 < L;
-    const float* x0 = V + j * ld;
-    const float* x1 = pair ? x0 + ld : x0;  // an odd last row is done twice, one result kept
-    for (int64_t blk = 0, i0 = 0; blk < nblocks; ++blk) {
-      const int nb = static_cast<int>(k / nblocks + (blk < k % nblocks ? 1 : 0));
-      const float* a[5];
-      for (int q = 0; q < 5; ++q) a[q] = V + cand[i0 + (q < nb ? q : 0)] * ld;
-      float d0[5], d1[5];
-      switch (nb) {
-        PGS_DOTS_CASE(5)
-        PGS_DOTS_CASE(4)
-        PGS_DOTS_CASE(3)
-        PGS_DOTS_CASE(2)
-        PGS_DOTS_CASE(1)
-        default: break;
+    if (y % P == P - 1) {
+      double* erow = esum + (y / P) * gw;
+      for (int64_t pc = 0; pc < gw; ++pc) {
+        double s = 0.0;
+        for (int64_t t = 0; t < P; ++t) s += static_cast<double>(acc[pc * P + t]);
+        erow[pc] = s;
       }
-      for (int q = 0; q < nb; ++q) {
-        const int64_t i = i0 + q;
-        const float ci = inv[cand[i]];
-        float* out = S + i * L + j;
-        const float v0 = w * (ci * inv[j]) * d0[q];
-        out[0] = accumulate ? out[0] + v0 : v0;
-        if (pair) {
-          const float v1 = w * (ci * inv[j + 1]) * d1[q];
-          out[1] = accumulate ? out[1] + v1 : v1;
-        }
-      }
-      i0 += nb;
     }
   }
 }
 
-// r_j = max_i S_ij, NaN propagating like torch.amax.
-PGS_HOT void max_redundancy(const float* S, int64_t k, int64_t L, float* r) {
+// Patch j's C P^2 pixels ((channel, row, column) order) into out, centered:
+// x~ = x - mean(x) with the mean taken as x_0 + mean(x - x_0): a constant patch
+// centers to exactly zero (zero similarity, as in the fp64 reference), and the
+// shift keeps fp32 cancellation small for patches with a large offset. out has
+// dpad (a multiple of VW) floats; the lanes past C P^2 are zero. Returns |x~|^2.
+template <int VW>
+PGS_INL float center_patch(const float* img, int64_t sc, int64_t sy, const Geometry& g, int64_t j,
+                           int64_t dim, int64_t dpad, float* __restrict out) {
+  using F = typename VT<VW>::F;
+  const int64_t P = g.P;
+  const float* base = img + (j / g.gw) * P * sy + (j % g.gw) * P;
+  float* o = out;
+  for (int64_t c = 0; c < g.C; ++c) {
+    for (int64_t r = 0; r < P; ++r, o += P) {
+      const float* src = base + c * sc + r * sy;
+      if (P % VW == 0) {
+        for (int64_t t = 0; t < P; t += VW) vstore(o + t, vload<F>(src + t));
+      } else {
+        for (int64_t t = 0; t < P; ++t) o[t] = src[t];
+      }
+    }
+  }
+  const float v0 = out[0];
+  const int64_t nfull = dim / VW * VW, n4 = dim / (4 * VW) * (4 * VW);
+  const auto tail = lanes_below<VW>(dim - nfull);
+  // Four named accumulators (an indexed array would live in memory), so the
+  // adds are four chains, not one.
+  F s0{}, s1{}, s2{}, s3{};
+  int64_t t = 0;
+  for (; t < n4; t += 4 * VW) {
+    s0 += vload<F>(out + t) - v0;
+    s1 += vload<F>(out + t + VW) - v0;
+    s2 += vload<F>(out + t + 2 * VW) - v0;
+    s3 += vload<F>(out + t + 3 * VW) - v0;
+  }
+  for (; t < nfull; t += VW) s0 += vload<F>(out + t) - v0;
+  if (nfull < dpad) {
+    const F d = vload<F>(out + nfull) - v0;
+    s1 += tail ? d : F{};
+  }
+  const float mean = hsum<VW>((s0 + s1) + (s2 + s3)) / static_cast<float>(dim);
+  F q0{}, q1{}, q2{}, q3{};
+  t = 0;
+  for (; t < n4; t += 4 * VW) {
+    const F c0 = (vload<F>(out + t) - v0) - mean;
+    const F c1 = (vload<F>(out + t + VW) - v0) - mean;
+    const F c2 = (vload<F>(out + t + 2 * VW) - v0) - mean;
+    const F c3 = (vload<F>(out + t + 3 * VW) - v0) - mean;
+    vstore(out + t, c0);
+    vstore(out + t + VW, c1);
+    vstore(out + t + 2 * VW, c2);
+    vstore(out + t + 3 * VW, c3);
+    q0 += c0 * c0;
+    q1 += c1 * c1;
+    q2 += c2 * c2;
+    q3 += c3 * c3;
+  }
+  for (; t < nfull; t += VW) {
+    const F c = (vload<F>(out + t) - v0) - mean;
+    vstore(out + t, c);
+    q0 += c * c;
+  }
+  if (nfull < dpad) {
+    F c = (vload<F>(out + nfull) - v0) - mean;
+    c = tail ? c : F{};
+    vstore(out + nfull, c);
+    q1 += c * c;
+  }
+  return hsum<VW>((q0 + q1) + (q2 + q3));
+}
+
+// out[i] = <a_i, x> for NB rows a_i (dim floats each; the last dim % VW by a
+// scalar tail). One pass over x feeds NB accumulators, so each load of x is
+// used NB times and the candidate rows stay in L1.
+template <int VW, int NB, bool Q>
+PGS_INL void dot_block(const float* __restrict x, const float* const* a, int64_t dim, float* out, float* q) {
+  using F = typename VT<VW>::F;
+  const float* ap[NB];
+  F acc[NB];
+#pragma GCC unroll 16
+  for (int i = 0; i < NB; ++i) {
+    ap[i] = a[i];
+    acc[i] = F{};
+  }
+  F qa{};
+  const int64_t nv = dim / VW * VW;
+  for (int64_t t = 0; t < nv; t += VW) {
+    const F xv = vload<F>(x + t);
+    if (Q) qa += xv * xv;
+#pragma GCC unroll 16
+    for (int i = 0; i < NB; ++i) acc[i] += vload<F>(ap[i] + t) * xv;
+  }
+  if (Q) {
+    float s = hsum<VW>(qa);
+    for (int64_t t = nv; t < dim; ++t) s += x[t] * x[t];
+    *q = s;
+  }
+  for (int i = 0; i < NB; ++i) {
+    float s = hsum<VW>(acc[i]);
+    for (int64_t t = nv; t < dim; ++t) s += ap[i][t] * x[t];
+    out[i] = s;
+  }
+}
+
+constexpr int kMaxBlock = 12;  // accumulators held in registers (AVX2 has 16)
+
+// out[i * ld] = <cand_i, x> for the k rows cand_i, in blocks of near-equal
+// size; with q, also *q = |x|^2 (from the first block's pass over x).
+template <int VW>
+PGS_INL void dots_row(const float* x, const float* const* cand, int64_t k, int64_t dim, float* out,
+                      int64_t ld, float* q) {
+  const int64_t nblocks = (k + kMaxBlock - 1) / kMaxBlock;
+  float d[kMaxBlock];
+  for (int64_t blk = 0, i0 = 0; blk < nblocks; ++blk) {
+    const int nb = static_cast<int>(k / nblocks + (blk < k % nblocks ? 1 : 0));
+    const float* const* a = cand + i0;
+    switch (nb) {
+#define PGS_CASE(N) \
+  case N:           \
+    if (q && blk == 0) dot_block<VW, N, true>(x, a, dim, d, q); else dot_block<VW, N, false>(x, a, dim, d, q); \
+    break;
+      PGS_CASE(1) PGS_CASE(2) PGS_CASE(3) PGS_CASE(4) PGS_CASE(5) PGS_CASE(6)
+      PGS_CASE(7) PGS_CASE(8) PGS_CASE(9) PGS_CASE(10) PGS_CASE(11) PGS_CASE(12)
+#undef PGS_CASE
+      default: break;
+    }
+    for (int q = 0; q < nb; ++q) out[(i0 + q) * ld] = d[q];
+    i0 += nb;
+  }
+}
+
+PGS_INL float inverse_norm(float q) {
+  return static_cast<float>(1.0 / (std::sqrt(static_cast<double>(q)) + kEps));
+}
+
+// r_j = max_i S_ij, NaN propagating like torch.amax. S: k x Lp.
+PGS_INL void max_redundancy(const float* S, int64_t k, int64_t L, int64_t Lp, float* r) {
   for (int64_t j = 0; j < L; ++j) r[j] = -kInf;
   for (int64_t i = 0; i < k; ++i) {
-    const float* row = S + i * L;
-#pragma omp simd
+    const float* row = S + i * Lp;
     for (int64_t j = 0; j < L; ++j) {
       const float v = row[j];
       const float m = r[j];
@@ -237,75 +415,296 @@ PGS_HOT void max_redundancy(const float* S, int64_t k, int64_t L, float* r) {
 }
 
 // Log-domain Sinkhorn (exactly T iterations, f then g) and r_j = L sum_i Pi_ij S_ij.
-// work: k*L + 2*k + 3*L floats.
-PGS_HOT void sinkhorn_redundancy(const float* S, int64_t k, int64_t L, float eps, int64_t T,
-                                 float* r, float* work) {
+// S: k x Lp (Lp a multiple of VW, padding zero). Z's padding is -inf, so it
+// adds nothing to the f sums; g's padding is held at 0 so that -inf + g stays
+// -inf. work: k*Lp + 3*kp + 3*Lp floats, kp = k rounded up to VW.
+// prefetch(it) runs at the start of iteration it (the loop is compute bound).
+template <int VW, class Pf>
+PGS_INL void sinkhorn_redundancy(const float* S, int64_t k, int64_t L, int64_t Lp, float eps, int64_t T,
+                                 float* r, float* work, const Pf& prefetch) {
+  using F = typename VT<VW>::F;
+  const int64_t kp = (k + VW - 1) / VW * VW;
   float* Z = work;
-  float* f = Z + k * L;
-  float* tmp = f + k;
-  float* g = tmp + std::max(k, L);
-  float* cm = g + L;
-  float* cs = cm + L;
-  const int64_t kl = k * L;
-#pragma omp simd
-  for (int64_t t = 0; t < kl; ++t) Z[t] = S[t] / eps;
+  float* f = Z + k * Lp;   // kp
+  float* fs = f + kp;      // kp: per-row sums, then shifts
+  float* g = fs + kp;      // Lp
+  float* cm = g + Lp;      // Lp
+  float* cs = cm + Lp;     // Lp
+  float* shv = cs + Lp;    // kp
+  for (int64_t i = 0; i < k; ++i) {
+    for (int64_t j = 0; j < L; ++j) Z[i * Lp + j] = S[i * Lp + j] / eps;
+    for (int64_t j = L; j < Lp; ++j) Z[i * Lp + j] = -kInf;
+  }
   const float log_a = static_cast<float>(-std::log(static_cast<double>(k)));
   const float log_b = static_cast<float>(-std::log(static_cast<double>(L)));
-  for (int64_t j = 0; j < L; ++j) g[j] = 0.0f;
+  for (int64_t j = 0; j < Lp; ++j) g[j] = 0.0f;
+  for (int64_t i = k; i < kp; ++i) fs[i] = 1.0f, shv[i] = 0.0f;
 
   for (int64_t it = 0; it < T; ++it) {
+    prefetch(it);
+    // f_i = log_a - logsumexp_j (Z_ij + g_j)
     for (int64_t i = 0; i < k; ++i) {
-      const float* z = Z + i * L;
-      float m = -kInf;
-#pragma omp simd reduction(max : m)
-      for (int64_t j = 0; j < L; ++j) m = std::max(m, z[j] + g[j]);
-      const float sh = lse_shift(m);
-      float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t j = 0; j < L; ++j) s += fast_exp((z[j] + g[j]) - sh);
-      f[i] = log_a - (sh + std::log(s));
-    }
-    for (int64_t j = 0; j < L; ++j) {
-      cm[j] = -kInf;
-      cs[j] = 0.0f;
-    }
-    for (int64_t i = 0; i < k; ++i) {
-      const float* z = Z + i * L;
-      const float fi = f[i];
-#pragma omp simd
-      for (int64_t j = 0; j < L; ++j) {
-        const float v = z[j] + fi;
-        cm[j] = v > cm[j] ? v : cm[j];
+      const float* z = Z + i * Lp;
+      F mv = F{} - kInf;
+      for (int64_t j = 0; j < Lp; j += VW) {
+        const F v = vload<F>(z + j) + vload<F>(g + j);
+        mv = mv < v ? v : mv;
       }
+      float m = -kInf;
+      for (int l = 0; l < VW; ++l) m = m < mv[l] ? mv[l] : m;
+      const float sh = std::isinf(m) ? 0.0f : m;
+      F sv{};
+      for (int64_t j = 0; j < Lp; j += VW) sv += vexp<VW>((vload<F>(z + j) + vload<F>(g + j)) - sh);
+      fs[i] = hsum<VW>(sv);
+      shv[i] = sh;
     }
-    for (int64_t j = 0; j < L; ++j) cm[j] = lse_shift(cm[j]);
-    for (int64_t i = 0; i < k; ++i) {
-      const float* z = Z + i * L;
-      const float fi = f[i];
-#pragma omp simd
-      for (int64_t j = 0; j < L; ++j) cs[j] += fast_exp((z[j] + fi) - cm[j]);
+    for (int64_t i = 0; i < kp; i += VW) {
+      vstore(f + i, log_a - (vload<F>(shv + i) + vlog<VW>(vload<F>(fs + i))));
     }
-    for (int64_t j = 0; j < L; ++j) g[j] = log_b - (cm[j] + std::log(cs[j]));
+    // g_j = log_b - logsumexp_i (Z_ij + f_i)
+    for (int64_t j = 0; j < Lp; j += VW) {
+      F m = F{} - kInf;
+      for (int64_t i = 0; i < k; ++i) {
+        const F v = vload<F>(Z + i * Lp + j) + f[i];
+        m = v > m ? v : m;
+      }
+      m = vshift<VW>(m);
+      F s{};
+      for (int64_t i = 0; i < k; ++i) s += vexp<VW>((vload<F>(Z + i * Lp + j) + f[i]) - m);
+      vstore(g + j, log_b - (m + vlog<VW>(s)));
+    }
+    for (int64_t j = L; j < Lp; ++j) g[j] = 0.0f;
   }
 
-  for (int64_t j = 0; j < L; ++j) tmp[j] = 0.0f;
-  for (int64_t i = 0; i < k; ++i) {
-    const float* z = Z + i * L;
-    const float* s = S + i * L;
-    const float fi = f[i];
-#pragma omp simd
-    for (int64_t j = 0; j < L; ++j) tmp[j] += fast_exp((z[j] + fi) + g[j]) * s[j];
-  }
   const float Lf = static_cast<float>(L);
-  for (int64_t j = 0; j < L; ++j) r[j] = Lf * tmp[j];
+  for (int64_t j = 0; j < Lp; j += VW) {
+    const F gj = vload<F>(g + j);
+    F acc{};
+    for (int64_t i = 0; i < k; ++i) {
+      acc += vexp<VW>((vload<F>(Z + i * Lp + j) + f[i]) + gj) * vload<F>(S + i * Lp + j);
+    }
+    vstore(cs + j, acc * Lf);
+  }
+  for (int64_t j = 0; j < L; ++j) r[j] = cs[j];
+}
+
+struct Params {
+  Geometry g;
+  int64_t K, k, D, T;
+  float theta, alpha, w_e, eps;
+  double edge_weight, token_weight;
+  bool use_ot, want_pixels, want_tokens;
+};
+
+// Per-thread work space.
+struct Buffers {
+  std::vector<float> img, Tk, S, Dt, sob, ot, invp, invt, xr, cbuf;
+  std::vector<double> esum, key;
+  std::vector<int64_t> idx;
+  std::vector<const float*> cptr;
+  std::vector<uint8_t> tier;
+};
+
+// One image's inputs as fp32: pixels with unit column stride, tokens with unit
+// feature stride (anything else was converted before).
+struct ImageIn {
+  const float* img;
+  int64_t sc, sy;
+  const float* tok;
+  int64_t ld;
+  const float* u;
+  const float* next_img;  // the next image of this thread's range (fp32, read in place), or null
+};
+
+// Into L2 (prefetcht1): the lines of n floats at p.
+PGS_INL void prefetch_l2(const float* p, int64_t n) {
+  for (int64_t t = 0; t < n; t += 16) __builtin_prefetch(p + t, 0, 2);
+}
+
+struct ImageOut {
+  float* edge;
+  int64_t* cand;
+  float* red;
+  bool* mask;
+  int64_t* keep;
+};
+
+template <int VW>
+PGS_INL void process_image(const Params& prm, const ImageIn& in, const ImageOut& out, Buffers& buf) {
+  const Geometry& g = prm.g;
+  const int64_t L = g.L, k = prm.k, K = prm.K;
+  const int64_t Lp = (L + VW - 1) / VW * VW;
+
+  // Step 1: edge energy.
+  edge_sums<VW>(in.img, in.sc, in.sy, g, buf.esum.data(), buf.sob.data());
+  const double inv_pp = 1.0 / (static_cast<double>(g.C) * static_cast<double>(g.P * g.P));
+  double lo = std::numeric_limits<double>::infinity(), hi = -lo;
+  bool any_nan = false;
+  for (int64_t j = 0; j < L; ++j) {
+    const double e = buf.esum[j] * inv_pp;
+    buf.esum[j] = e;
+    any_nan |= std::isnan(e);
+    lo = std::min(lo, e);
+    hi = std::max(hi, e);
+  }
+  const double span = hi - lo + kEps;
+  for (int64_t j = 0; j < L; ++j) {
+    // torch.amin/amax propagate NaN, which turns the whole row to NaN.
+    const double en = any_nan ? std::numeric_limits<double>::quiet_NaN() : (buf.esum[j] - lo) / span;
+    out.edge[j] = static_cast<float>(en);
+    buf.esum[j] = en;
+  }
+
+  // Step 2: keys and candidates. Keys stay in double so that the fp32 edge
+  // carries no extra rounding into the order.
+  for (int64_t j = 0; j < L; ++j) {
+    double key = static_cast<double>(in.u[j]);
+    if (prm.w_e != 0.0f) key += prm.edge_weight * buf.esum[j];
+    buf.key[j] = std::isnan(key) ? std::numeric_limits<double>::infinity() : key;
+  }
+  const double* key = buf.key.data();
+  int64_t* idx = buf.idx.data();
+  std::iota(idx, idx + L, int64_t{0});
+  auto by_key = [key](int64_t a, int64_t c) { return key[a] < key[c] || (key[a] == key[c] && a < c); };
+  std::partial_sort(idx, idx + k, idx + L, by_key);
+  const int64_t* cand = out.cand;
+  std::copy(idx, idx + k, out.cand);
+
+  // Steps 3 and 4: similarity to the candidates, redundancy. Raw dot products
+  // go to S (pixels) and Dt (tokens), k x Lp, and are scaled once all norms
+  // are known, so a candidate's norm is the one its own row got in the sweep.
+  float* r = out.red;
+  if (k == 0) {
+    std::fill(r, r + L, -kInf);
+  } else {
+    float* S = buf.S.data();
+    const float** cp = buf.cptr.data();
+    if (prm.want_pixels) {
+      const int64_t dim = g.C * g.P * g.P, dpad = (dim + VW - 1) / VW * VW;
+      float* invp = buf.invp.data();
+      for (int64_t i = 0; i < k; ++i) {
+        float* ci = buf.cbuf.data() + i * dpad;
+        center_patch<VW>(in.img, in.sc, in.sy, g, cand[i], dim, dpad, ci);
+        cp[i] = ci;
+      }
+      float* xr = buf.xr.data();
+      // The sweep is compute bound: meanwhile the tokens come into L2.
+      const bool pf_tok = prm.want_tokens;
+      for (int64_t j = 0; j < L; ++j) {
+        if (pf_tok) prefetch_l2(in.tok + j * in.ld, prm.D);
+        invp[j] = inverse_norm(center_patch<VW>(in.img, in.sc, in.sy, g, j, dim, dpad, xr));
+        dots_row<VW>(xr, cp, k, dpad, S + j, Lp, nullptr);
+      }
+      const float w = static_cast<float>(1.0 - prm.token_weight);
+      for (int64_t i = 0; i < k; ++i) {
+        const float ci = invp[cand[i]];
+        float* row = S + i * Lp;
+        for (int64_t j = 0; j < L; ++j) row[j] = w * (ci * invp[j]) * row[j];
+      }
+    }
+    if (prm.want_tokens) {
+      const int64_t D = prm.D;
+      float* Dt = buf.Dt.data();
+      float* invt = buf.invt.data();
+      for (int64_t i = 0; i < k; ++i) cp[i] = in.tok + cand[i] * in.ld;
+      for (int64_t j = 0; j < L; ++j) {
+        const float* x = in.tok + j * in.ld;
+        float q;
+        dots_row<VW>(x, cp, k, D, Dt + j, Lp, &q);
+        invt[j] = inverse_norm(q);
+      }
+      const float a = prm.alpha;
+      for (int64_t i = 0; i < k; ++i) {
+        const float ci = invt[cand[i]];
+        float* row = S + i * Lp;
+        const float* drow = Dt + i * Lp;
+        if (prm.want_pixels) {
+          for (int64_t j = 0; j < L; ++j) row[j] = row[j] + a * (ci * invt[j]) * drow[j];
+        } else {
+          for (int64_t j = 0; j < L; ++j) row[j] = a * (ci * invt[j]) * drow[j];
+        }
+      }
+    }
+    for (int64_t i = 0; i < k; ++i) {
+      for (int64_t j = L; j < Lp; ++j) S[i * Lp + j] = 0.0f;
+    }
+    if (prm.use_ot) {
+      // Compute bound: meanwhile the next image's rows come into L2.
+      const int64_t R = g.C * g.H, T = prm.T;
+      auto prefetch = [&](int64_t it) {
+        if (!in.next_img) return;
+        for (int64_t row = it * R / T; row < (it + 1) * R / T; ++row) {
+          prefetch_l2(in.next_img + (row / g.H) * in.sc + (row % g.H) * in.sy, g.W);
+        }
+      };
+      sinkhorn_redundancy<VW>(S, k, L, Lp, prm.eps, prm.T, r, buf.ot.data(), prefetch);
+    } else {
+      max_redundancy(S, k, L, Lp, r);
+    }
+  }
+
+  // Step 5: drop the first M in the order (tier, key, j).
+  uint8_t* tier = buf.tier.data();
+  for (int64_t j = 0; j < L; ++j) tier[j] = r[j] > prm.theta ? 1 : 2;
+  for (int64_t i = 0; i < k; ++i) tier[cand[i]] = 0;
+  const int64_t M = L - K;
+  bool* mask_b = out.mask;
+  std::fill(mask_b, mask_b + L, false);
+  if (M > 0) {
+    std::iota(idx, idx + L, int64_t{0});
+    auto by_tier = [key, tier](int64_t a, int64_t c) {
+      if (tier[a] != tier[c]) return tier[a] < tier[c];
+      return key[a] < key[c] || (key[a] == key[c] && a < c);
+    };
+    if (M < L) std::nth_element(idx, idx + M, idx + L, by_tier);
+    for (int64_t t = 0; t < M; ++t) mask_b[idx[t]] = true;
+  }
+  int64_t n = 0;
+  for (int64_t j = 0; j < L; ++j) {
+    if (!mask_b[j]) out.keep[n++] = j;
+  }
+}
+
+// Entry points per instruction set; process_image and its helpers are inlined
+// into each with that target.
+using ProcessFn = void (*)(const Params&, const ImageIn&, const ImageOut&, Buffers&);
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target("arch=x86-64-v4"))) void process_v4(const Params& p, const ImageIn& i, const ImageOut& o,
+                                                          Buffers& b) {
+  process_image<16>(p, i, o, b);
+}
+__attribute__((target("arch=x86-64-v3"))) void process_v3(const Params& p, const ImageIn& i, const ImageOut& o,
+                                                          Buffers& b) {
+  process_image<8>(p, i, o, b);
+}
+#endif
+void process_base(const Params& p, const ImageIn& i, const ImageOut& o, Buffers& b) {
+  process_image<4>(p, i, o, b);
+}
+
+int vector_width() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return 16;
+  if (__builtin_cpu_supports("x86-64-v3")) return 8;
+#endif
+  return 4;
+}
+
+ProcessFn pick_process() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  switch (vector_width()) {
+    case 16: return process_v4;
+    case 8: return process_v3;
+    default: break;
+  }
+#endif
+  return process_base;
 }
 
 // ---------------------------------------------------------------------------
-// Input conversion: any dtype, any strides -> contiguous fp32 work buffers.
-
-struct Geometry {
-  int64_t C, H, W, P, gh, gw, L;
-};
+// Input conversion: any dtype, any strides -> contiguous fp32.
 
 template <typename T>
 void copy_row_float(const T* src, int64_t stride, int64_t n, float* dst) {
@@ -313,46 +712,6 @@ void copy_row_float(const T* src, int64_t stride, int64_t n, float* dst) {
     for (int64_t t = 0; t < n; ++t) dst[t] = static_cast<float>(src[t]);
   } else {
     for (int64_t t = 0; t < n; ++t) dst[t] = static_cast<float>(src[t * stride]);
-  }
-}
-
-// One strided row of n values as fp32: an fp32 row with unit stride is used
-// where it lies, anything else is converted into buf.
-template <typename T>
-const float* row_as_float(const T* src, int64_t stride, int64_t n, float* buf) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (stride == 1) return src;
-  }
-  copy_row_float(src, stride, n, buf);
-  return buf;
-}
-
-// Writes Y (H x W, channel mean) and, when want_pixels, X (L x C P^2, patch
-// j's pixels in (channel, row, column) order). rowbuf: W floats.
-template <typename T>
-void load_image(const T* base, const int64_t* st, const Geometry& g, bool want_pixels, float* X,
-                float* Y, float* rowbuf) {
-  const int64_t C = g.C, H = g.H, W = g.W, P = g.P, gw = g.gw, PP = P * P;
-  const float Cf = static_cast<float>(C);
-  // Row-major over y with the channels inside, so that the Y row being
-  // summed stays in L1.
-  for (int64_t y = 0; y < H; ++y) {
-    float* yr = Y + y * W;
-    for (int64_t c = 0; c < C; ++c) {
-      const float* v = row_as_float(base + c * st[0] + y * st[1], st[2], W, rowbuf);
-      if (c == 0) {
-        std::memcpy(yr, v, sizeof(float) * W);
-      } else {
-        for (int64_t x = 0; x < W; ++x) yr[x] += v[x];
-      }
-      if (want_pixels) {
-        float* dst = X + ((y / P) * gw * C + c) * PP + (y % P) * P;
-        for (int64_t pc = 0; pc < gw; ++pc) std::memcpy(dst + pc * C * PP, v + pc * P, sizeof(float) * P);
-      }
-    }
-    if (C > 1) {
-      for (int64_t x = 0; x < W; ++x) yr[x] /= Cf;
-    }
   }
 }
 
@@ -368,20 +727,6 @@ void with_float_type(at::ScalarType s, const F& f) {
 }
 
 // ---------------------------------------------------------------------------
-
-struct Params {
-  Geometry g;
-  int64_t K, k, D, T;
-  float theta, alpha, w_e, eps;
-  bool use_ot;
-};
-
-struct Buffers {
-  std::vector<float> X, Y, Tk, S, sob, ot, inv;
-  std::vector<double> esum, key;
-  std::vector<int64_t> idx;
-  std::vector<uint8_t> tier;
-};
 
 bool is_float_dtype(at::ScalarType s) {
   return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
@@ -451,11 +796,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_selec
   at::Tensor red = at::empty({B, L}, images.options().dtype(at::kFloat));
   if (B == 0) return {keep, mask, edge, cand, red};
 
+  // .to and .contiguous return the tensor itself when nothing is to be done.
   const at::Tensor noise = noise_in.to(at::kFloat).contiguous();
   Params prm{{C, H, W, P, gh, gw, L}, K, k, D, ot_iters, static_cast<float>(sim_threshold),
              static_cast<float>(token_weight), static_cast<float>(edge_weight), static_cast<float>(ot_reg),
-             use_ot};
-  const bool want_pixels = token_weight < 1.0;
+             edge_weight, token_weight, use_ot, token_weight < 1.0, want_tokens};
 
   const float* u_all = noise.data_ptr<float>();
   int64_t* keep_all = keep.data_ptr<int64_t>();
@@ -464,129 +809,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_selec
   int64_t* cand_all = cand.data_ptr<int64_t>();
   float* red_all = red.data_ptr<float>();
   const int64_t ist[4] = {images.stride(0), images.stride(1), images.stride(2), images.stride(3)};
+  // fp32 pixels with unit column stride and fp32 tokens with unit feature
+  // stride are read where they lie; anything else is converted per image.
+  const bool img_direct = images.scalar_type() == at::kFloat && ist[3] == 1;
+  const bool tok_direct = want_tokens && tokens.scalar_type() == at::kFloat && tokens.stride(2) == 1;
+  static const ProcessFn process = pick_process();
 
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    // Sized for the widest vectors (16 floats), whichever entry point runs.
+    auto up16 = [](int64_t n) { return (n + 15) / 16 * 16; };
+    const int64_t Lp = up16(L), kp = up16(k), dpad = up16(C * P * P);
     Buffers buf;
-    const int64_t dimp = C * P * P;
-    buf.Y.resize(H * W);
-    if (want_pixels) buf.X.resize(L * dimp);
-    if (want_tokens) buf.Tk.resize(L * D);
-    buf.S.resize(std::max<int64_t>(k * L, 1));
-    buf.sob.resize(3 * W + 4);  // Sobel rows; also the row buffer of load_image
-    buf.ot.resize(k * L + 2 * k + 4 * L + 4);
-    buf.inv.resize(L);
+    if (!img_direct) buf.img.resize(C * H * W);
+    if (want_tokens && !tok_direct) buf.Tk.resize(L * D);
+    buf.S.resize(std::max<int64_t>(k * Lp, 1));
+    if (want_tokens) buf.Dt.resize(std::max<int64_t>(k * Lp, 1));
+    buf.sob.resize(7 * W + 4);
+    buf.ot.resize(k * Lp + 3 * kp + 3 * Lp + 16);
+    buf.invp.resize(L);
+    buf.invt.resize(L);
+    if (prm.want_pixels) {
+      buf.xr.resize(dpad);
+      buf.cbuf.resize(std::max<int64_t>(k, 1) * dpad);
+    }
     buf.esum.resize(L);
     buf.key.resize(L);
     buf.idx.resize(L);
+    buf.cptr.resize(std::max<int64_t>(k, 1));
     buf.tier.resize(L);
 
     for (int64_t b = b0; b < b1; ++b) {
-      const Geometry& g = prm.g;
-      with_float_type(images.scalar_type(), [&](auto zero) {
-        using T = decltype(zero);
-        const T* base = static_cast<const T*>(images.const_data_ptr()) + b * ist[0];
-        load_image<T>(base, ist + 1, g, want_pixels, buf.X.data(), buf.Y.data(), buf.sob.data());
-      });
-
-      // Step 1: edge energy.
-      std::fill(buf.esum.begin(), buf.esum.end(), 0.0);
-      sobel_patch_sums(buf.Y.data(), H, W, P, gw, buf.esum.data(), buf.sob.data());
-      const double inv_pp = 1.0 / static_cast<double>(P * P);
-      double lo = std::numeric_limits<double>::infinity(), hi = -lo;
-      bool any_nan = false;
-      for (int64_t j = 0; j < L; ++j) {
-        const double e = buf.esum[j] * inv_pp;
-        buf.esum[j] = e;
-        any_nan |= std::isnan(e);
-        lo = std::min(lo, e);
-        hi = std::max(hi, e);
-      }
-      float* edge_b = edge_all + b * L;
-      const double span = hi - lo + kEps;
-      for (int64_t j = 0; j < L; ++j) {
-        // torch.amin/amax propagate NaN, which turns the whole row to NaN.
-        const double en = any_nan ? std::numeric_limits<double>::quiet_NaN() : (buf.esum[j] - lo) / span;
-        edge_b[j] = static_cast<float>(en);
-        buf.esum[j] = en;
-      }
-
-      // Step 2: keys and candidates. Keys stay in double so that the fp32
-      // edge carries no extra rounding into the order.
-      const float* u = u_all + b * L;
-      for (int64_t j = 0; j < L; ++j) {
-        double key = static_cast<double>(u[j]);
-        if (prm.w_e != 0.0f) key += static_cast<double>(edge_weight) * buf.esum[j];
-        buf.key[j] = std::isnan(key) ? std::numeric_limits<double>::infinity() : key;
-      }
-      const double* key = buf.key.data();
-      int64_t* idx = buf.idx.data();
-      std::iota(idx, idx + L, int64_t{0});
-      auto by_key = [key](int64_t a, int64_t c) { return key[a] < key[c] || (key[a] == key[c] && a < c); };
-      std::partial_sort(idx, idx + k, idx + L, by_key);
-      int64_t* cand_b = cand_all + b * k;
-      std::copy(idx, idx + k, cand_b);
-
-      // Steps 3 and 4: similarity to the candidates, redundancy.
-      float* r = red_all + b * L;
-      if (k == 0) {
-        std::fill(r, r + L, -kInf);
+      ImageIn in{};
+      if (img_direct) {
+        in.img = images.const_data_ptr<float>() + b * ist[0];
+        in.sc = ist[1];
+        in.sy = ist[2];
       } else {
-        float* S = buf.S.data();
-        bool have = false;
-        if (want_pixels) {
-          center_rows(buf.X.data(), L, dimp, buf.inv.data());
-          candidate_dots(buf.X.data(), dimp, L, dimp, buf.inv.data(), cand_b, k,
-                         static_cast<float>(1.0 - token_weight), false, S);
-          have = true;
-        }
-        if (want_tokens) {
-          // fp32 tokens with unit stride are read where they lie.
-          const float* Tv = nullptr;
-          int64_t ld = D;
-          if (tokens.scalar_type() == at::kFloat && tokens.stride(2) == 1) {
-            Tv = tokens.const_data_ptr<float>() + b * tokens.stride(0);
-            ld = tokens.stride(1);
-          } else {
-            with_float_type(tokens.scalar_type(), [&](auto zero) {
-              using T = decltype(zero);
-              const T* base = static_cast<const T*>(tokens.const_data_ptr()) + b * tokens.stride(0);
-              for (int64_t j = 0; j < L; ++j) {
-                copy_row_float(base + j * tokens.stride(1), tokens.stride(2), D, buf.Tk.data() + j * D);
-              }
-            });
-            Tv = buf.Tk.data();
+        with_float_type(images.scalar_type(), [&](auto zero) {
+          using T = decltype(zero);
+          const T* base = static_cast<const T*>(images.const_data_ptr()) + b * ist[0];
+          for (int64_t c = 0; c < C; ++c) {
+            for (int64_t y = 0; y < H; ++y) {
+              copy_row_float(base + c * ist[1] + y * ist[2], ist[3], W, buf.img.data() + (c * H + y) * W);
+            }
           }
-          inverse_norms(Tv, ld, L, D, buf.inv.data());
-          candidate_dots(Tv, ld, L, D, buf.inv.data(), cand_b, k, prm.alpha, have, S);
-        }
-        if (use_ot) {
-          sinkhorn_redundancy(S, k, L, prm.eps, prm.T, r, buf.ot.data());
-        } else {
-          max_redundancy(S, k, L, r);
-        }
+        });
+        in.img = buf.img.data();
+        in.sc = H * W;
+        in.sy = W;
       }
-
-      // Step 5: drop the first M in the order (tier, key, j).
-      uint8_t* tier = buf.tier.data();
-      for (int64_t j = 0; j < L; ++j) tier[j] = r[j] > prm.theta ? 1 : 2;
-      for (int64_t i = 0; i < k; ++i) tier[cand_b[i]] = 0;
-      const int64_t M = L - K;
-      bool* mask_b = mask_all + b * L;
-      std::fill(mask_b, mask_b + L, false);
-      if (M > 0) {
-        std::iota(idx, idx + L, int64_t{0});
-        auto by_tier = [key, tier](int64_t a, int64_t c) {
-          if (tier[a] != tier[c]) return tier[a] < tier[c];
-          return key[a] < key[c] || (key[a] == key[c] && a < c);
-        };
-        if (M < L) std::nth_element(idx, idx + M, idx + L, by_tier);
-        for (int64_t t = 0; t < M; ++t) mask_b[idx[t]] = true;
+      if (tok_direct) {
+        in.tok = tokens.const_data_ptr<float>() + b * tokens.stride(0);
+        in.ld = tokens.stride(1);
+      } else if (want_tokens) {
+        with_float_type(tokens.scalar_type(), [&](auto zero) {
+          using T = decltype(zero);
+          const T* base = static_cast<const T*>(tokens.const_data_ptr()) + b * tokens.stride(0);
+          for (int64_t j = 0; j < L; ++j) {
+            copy_row_float(base + j * tokens.stride(1), tokens.stride(2), D, buf.Tk.data() + j * D);
+          }
+        });
+        in.tok = buf.Tk.data();
+        in.ld = D;
       }
-      int64_t* keep_b = keep_all + b * K;
-      int64_t n = 0;
-      for (int64_t j = 0; j < L; ++j) {
-        if (!mask_b[j]) keep_b[n++] = j;
-      }
+      in.u = u_all + b * L;
+      in.next_img = img_direct && b + 1 < b1 ? images.const_data_ptr<float>() + (b + 1) * ist[0] : nullptr;
+      const ImageOut out{edge_all + b * L, cand_all + b * k, red_all + b * L, mask_all + b * L,
+                         keep_all + b * K};
+      process(prm, in, out, buf);
     }
   });
   return {keep, mask, edge, cand, red};
