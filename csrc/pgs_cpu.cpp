@@ -20,6 +20,8 @@
 //   Z       = S / eps;  g = 0;  T times:
 //               f_i = -log k - logsumexp_j (Z_ij + g_j)
 //               g_j = -log L - logsumexp_i (Z_ij + f_i)
+//             (run as the equivalent scaling iteration, K = exp(Z - rowmax),
+//             wherever fp32 holds all its numbers; see sinkhorn_scaling)
 //   r_j     = L sum_i exp(Z_ij + f_i + g_j) S_ij     (use_ot)
 //           = max_i S_ij                               (no OT);  -inf when k = 0
 //   tier_j  = 0 (candidate), 1 (r_j > theta; NaN is not), 2 (otherwise)
@@ -56,6 +58,7 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // attributes on the entry points below; the helpers are forced inline so that
 // they take the target of the entry point that calls them.
 #define PGS_INL inline __attribute__((always_inline))
+#define PGS_INL_LAMBDA __attribute__((always_inline))
 
 template <int VW>
 struct VT {
@@ -210,7 +213,7 @@ PGS_INL void sum_row(const float* __restrict img, int64_t sc, int64_t sy, const 
 // columns of a patch in double. scratch: 7 W + 4 floats.
 template <int VW>
 PGS_INL void edge_sums(const float* img, int64_t sc, int64_t sy, const Geometry& g, double* esum,
-                       float* scratch) {
+                       float* scratch, float* pmean, float* mvec) {
   using F = typename VT<VW>::F;
   const int64_t H = g.H, W = g.W, P = g.P, gw = g.gw, nv = W / VW * VW;
   float* ring = scratch;              // 3 W
@@ -254,6 +257,27 @@ PGS_INL void edge_sums(const float* img, int64_t sc, int64_t sy, const Geometry&
       for (int64_t x = 0; x < W; ++x) acc[x] = std::sqrt(m2[x]);
     } else {
       for (int64_t x = 0; x < W; ++x) acc[x] += std::sqrt(m2[x]);
+    }
+    // With pmean (P % VW == 0): mean(x_j - v0_j) of every patch j, for
+    // center_patch's centering in the similarity sweep, while the row is in L1;
+    // v0_j is the patch's first pixel (channel 0). One vector per patch column
+    // accumulates over the band's rows and channels.
+    if (pmean) {
+      const float* v0row = img + (y / P) * P * sy;
+      if (first) std::fill(mvec, mvec + gw * VW, 0.0f);
+      for (int64_t c = 0; c < g.C; ++c) {
+        const float* src = img + c * sc + y * sy;
+        for (int64_t pc = 0; pc < gw; ++pc) {
+          const float v0 = v0row[pc * P];
+          F a = vload<F>(mvec + pc * VW);
+          for (int64_t t = 0; t < P; t += VW) a += vload<F>(src + pc * P + t) - v0;
+          vstore(mvec + pc * VW, a);
+        }
+      }
+      if (y % P == P - 1) {
+        const float dim = static_cast<float>(g.C * P * P);
+        for (int64_t pc = 0; pc < gw; ++pc) pmean[(y / P) * gw + pc] = hsum<VW>(vload<F>(mvec + pc * VW)) / dim;
+      }
     }
     if (y % P == P - 1) {
       double* erow = esum + (y / P) * gw;
@@ -337,62 +361,171 @@ PGS_INL float center_patch(const float* img, int64_t sc, int64_t sy, const Geome
   return hsum<VW>((q0 + q1) + (q2 + q3));
 }
 
-// out[i] = <a_i, x> for NB rows a_i (dim floats each; the last dim % VW by a
-// scalar tail). One pass over x feeds NB accumulators, so each load of x is
-// used NB times and the candidate rows stay in L1.
-template <int VW, int NB, bool Q>
-PGS_INL void dot_block(const float* __restrict x, const float* const* a, int64_t dim, float* out, float* q) {
-  using F = typename VT<VW>::F;
-  const float* ap[NB];
-  F acc[NB];
-#pragma GCC unroll 16
-  for (int i = 0; i < NB; ++i) {
-    ap[i] = a[i];
-    acc[i] = F{};
-  }
-  F qa{};
-  const int64_t nv = dim / VW * VW;
-  for (int64_t t = 0; t < nv; t += VW) {
-    const F xv = vload<F>(x + t);
-    if (Q) qa += xv * xv;
-#pragma GCC unroll 16
-    for (int i = 0; i < NB; ++i) acc[i] += vload<F>(ap[i] + t) * xv;
-  }
-  if (Q) {
-    float s = hsum<VW>(qa);
-    for (int64_t t = nv; t < dim; ++t) s += x[t] * x[t];
-    *q = s;
-  }
-  for (int i = 0; i < NB; ++i) {
-    float s = hsum<VW>(acc[i]);
-    for (int64_t t = nv; t < dim; ++t) s += ap[i][t] * x[t];
-    out[i] = s;
+// The k candidate rows packed for the sweeps below: in blocks of nb <= kMaxBlock
+// rows (near-equal sizes), each block vector by vector, candidate-minor:
+//   panel[i0 npad + (t / VW) nb VW + i VW + l] = a_{i0 + i}[t + l]
+// (zero past n; npad = n rounded up to VW). The sweep then reads one stream
+// with constant offsets instead of nb pointers, which would not fit in the
+// general registers beside everything else.
+template <int VW>
+constexpr int max_block() {
+  return VW >= 16 ? 10 : 12;  // R * NB accumulators + the rest within 32 (AVX-512) or 16 registers
+}
+template <int VW>
+constexpr int sweep_rows() {
+  return VW >= 16 ? 2 : 1;  // input rows per pass: each panel load feeds R FMAs
+}
+constexpr int kMaxBlock = 12;
+
+template <int VW>
+PGS_INL int64_t block_count(int64_t k) {
+  return (k + max_block<VW>() - 1) / max_block<VW>();
+}
+template <int VW>
+PGS_INL int block_size(int64_t k, int64_t nblocks, int64_t blk) {
+  return static_cast<int>(k / nblocks + (blk < k % nblocks ? 1 : 0));
+}
+
+template <int VW>
+PGS_INL void pack_panel(const float* const* a, int64_t k, int64_t n, float* __restrict out) {
+  const int64_t npad = (n + VW - 1) / VW * VW, nblocks = block_count<VW>(k);
+  for (int64_t blk = 0, i0 = 0; blk < nblocks; ++blk) {
+    const int nb = block_size<VW>(k, nblocks, blk);
+    float* o = out + i0 * npad;
+    for (int64_t t = 0; t < npad; t += VW) {
+      for (int i = 0; i < nb; ++i) {
+        const float* src = a[i0 + i];
+        for (int l = 0; l < VW; ++l) o[i * VW + l] = t + l < n ? src[t + l] : 0.0f;
+      }
+      o += nb * VW;
+    }
+    i0 += nb;
   }
 }
 
-constexpr int kMaxBlock = 12;  // accumulators held in registers (AVX2 has 16)
+// Where the R input rows of a sweep come from.
+//   Contig: R rows of n floats (tokens, or patches already centered into a
+//           buffer); the last n % VW read through a zeroed copy.
+//   Patch:  R patches read in place from the image (P % VW == 0), centered on
+//           the fly as (x - v0) - mean, in center_patch's (c, row, column) order.
+template <int VW, int R>
+struct Contig {
+  const float* x[R];
+  int64_t n;
+};
+template <int VW, int R>
+struct Patch {
+  const float* base[R];
+  int64_t sc, sy, C, P;
+  float v0[R], mean[R];
+};
 
-// out[i * ld] = <cand_i, x> for the k rows cand_i, in blocks of near-equal
-// size; with q, also *q = |x|^2 (from the first block's pass over x).
-template <int VW>
-PGS_INL void dots_row(const float* x, const float* const* cand, int64_t k, int64_t dim, float* out,
-                      int64_t ld, float* q) {
-  const int64_t nblocks = (k + kMaxBlock - 1) / kMaxBlock;
-  float d[kMaxBlock];
+// out[r NB + i] = <a_i, x_r>, q[r] = |x_r|^2 for the NB candidates of one
+// panel block. Each panel vector is loaded once and used for R rows.
+template <int VW, int NB, int R>
+PGS_INL void panel_dots(const Contig<VW, R>& s, const float* __restrict pa, float* out, float* q) {
+  using F = typename VT<VW>::F;
+  F acc[R][NB], qa[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    qa[r] = F{};
+#pragma GCC unroll 16
+    for (int i = 0; i < NB; ++i) acc[r][i] = F{};
+  }
+  const int64_t n = s.n, nv = n / VW * VW;
+  auto step = [&](const F* xv) PGS_INL_LAMBDA {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) qa[r] += xv[r] * xv[r];
+#pragma GCC unroll 16
+    for (int i = 0; i < NB; ++i) {
+      const F a = vload<F>(pa + i * VW);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) acc[r][i] += a * xv[r];
+    }
+    pa += NB * VW;
+  };
+  for (int64_t t = 0; t < nv; t += VW) {
+    F xv[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) xv[r] = vload<F>(s.x[r] + t);
+    step(xv);
+  }
+  if (nv < n) {
+    F xv[R];
+    for (int r = 0; r < R; ++r) {
+      float tmp[VW] = {};
+      std::memcpy(tmp, s.x[r] + nv, (n - nv) * sizeof(float));
+      xv[r] = vload<F>(tmp);
+    }
+    step(xv);
+  }
+  for (int r = 0; r < R; ++r) {
+    q[r] = hsum<VW>(qa[r]);
+    for (int i = 0; i < NB; ++i) out[r * NB + i] = hsum<VW>(acc[r][i]);
+  }
+}
+
+template <int VW, int NB, int R>
+PGS_INL void panel_dots(const Patch<VW, R>& s, const float* __restrict pa, float* out, float* q) {
+  using F = typename VT<VW>::F;
+  F acc[R][NB], qa[R], v0[R], mean[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    qa[r] = F{};
+    v0[r] = F{} + s.v0[r];
+    mean[r] = F{} + s.mean[r];
+#pragma GCC unroll 16
+    for (int i = 0; i < NB; ++i) acc[r][i] = F{};
+  }
+  for (int64_t c = 0; c < s.C; ++c) {
+    for (int64_t row = 0; row < s.P; ++row) {
+      const int64_t off = c * s.sc + row * s.sy;
+      for (int64_t t = 0; t < s.P; t += VW) {
+        F xv[R];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          xv[r] = (vload<F>(s.base[r] + off + t) - v0[r]) - mean[r];
+          qa[r] += xv[r] * xv[r];
+        }
+#pragma GCC unroll 16
+        for (int i = 0; i < NB; ++i) {
+          const F a = vload<F>(pa + i * VW);
+#pragma GCC unroll 4
+          for (int r = 0; r < R; ++r) acc[r][i] += a * xv[r];
+        }
+        pa += NB * VW;
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    q[r] = hsum<VW>(qa[r]);
+    for (int i = 0; i < NB; ++i) out[r * NB + i] = hsum<VW>(acc[r][i]);
+  }
+}
+
+// S[i ld + j0 + r] = <a_i, x_r> for all k candidates (block by block) and the
+// R rows of s; q[r] = |x_r|^2.
+template <int VW, int R, class Src>
+PGS_INL void sweep_dots(const Src& s, const float* panel, int64_t k, int64_t npad, float* S, int64_t ld,
+                        int64_t j0, float* q) {
+  const int64_t nblocks = block_count<VW>(k);
+  float d[R * kMaxBlock];
   for (int64_t blk = 0, i0 = 0; blk < nblocks; ++blk) {
-    const int nb = static_cast<int>(k / nblocks + (blk < k % nblocks ? 1 : 0));
-    const float* const* a = cand + i0;
+    const int nb = block_size<VW>(k, nblocks, blk);
+    const float* pa = panel + i0 * npad;
     switch (nb) {
-#define PGS_CASE(N) \
-  case N:           \
-    if (q && blk == 0) dot_block<VW, N, true>(x, a, dim, d, q); else dot_block<VW, N, false>(x, a, dim, d, q); \
+#define PGS_CASE(N)                                   \
+  case N:                                             \
+    if (N <= max_block<VW>()) panel_dots<VW, (N <= max_block<VW>() ? N : 1), R>(s, pa, d, q); \
     break;
       PGS_CASE(1) PGS_CASE(2) PGS_CASE(3) PGS_CASE(4) PGS_CASE(5) PGS_CASE(6)
       PGS_CASE(7) PGS_CASE(8) PGS_CASE(9) PGS_CASE(10) PGS_CASE(11) PGS_CASE(12)
 #undef PGS_CASE
       default: break;
     }
-    for (int q = 0; q < nb; ++q) out[(i0 + q) * ld] = d[q];
+    for (int r = 0; r < R; ++r) {
+      for (int i = 0; i < nb; ++i) S[(i0 + i) * ld + j0 + r] = d[r * nb + i];
+    }
     i0 += nb;
   }
 }
@@ -414,6 +547,87 @@ PGS_INL void max_redundancy(const float* S, int64_t k, int64_t L, int64_t Lp, fl
   }
 }
 
+// The same T iterations with the potentials exponentiated. With
+//   c_i = max_j Z_ij,  K_ij = exp(Z_ij - c_i),  A_i = exp(f_i + c_i),  B_j = exp(g_j)
+// the f step f_i = log_a - logsumexp_j (Z_ij + g_j) is A_i = (1/k) / sum_j K_ij B_j,
+// the g step is B_j = (1/L) / sum_i K_ij A_i, and Pi_ij = K_ij A_i B_j, so
+// r_j = L B_j sum_i K_ij A_i S_ij. A mat-vec per half step instead of k L exp
+// and log, which is most of the kernel's arithmetic otherwise. It is taken
+// only where fp32 holds every quantity as a normal number: S finite, every
+// K_ij >= e^-80 (Z_ij - c_i >= -80) and every sum in [1e-30, 1e30]. Else it
+// returns false before writing r, and the log-domain loop below runs (small
+// eps, NaN inputs). work: k*Lp + kp + Lp floats.
+template <int VW>
+PGS_INL bool sinkhorn_scaling(const float* S, int64_t k, int64_t L, int64_t Lp, float eps, int64_t T, float* r,
+                              float* work) {
+  using F = typename VT<VW>::F;
+  using I = typename VT<VW>::I;
+  const int64_t kp = (k + VW - 1) / VW * VW;
+  float* Kt = work;       // k x Lp
+  float* A = Kt + k * Lp;  // kp
+  float* B = A + kp;       // Lp
+  const auto last = lanes_below<VW>(L - (Lp - VW));  // valid lanes of the last vector
+  for (int64_t i = 0; i < k; ++i) {
+    const float* s = S + i * Lp;
+    float* kr = Kt + i * Lp;
+    float c = -kInf, lo = kInf;
+    for (int64_t j = 0; j < L; ++j) {
+      const float z = s[j] / eps;
+      if (!std::isfinite(z)) return false;
+      kr[j] = z;
+      c = std::max(c, z);
+      lo = std::min(lo, z);
+    }
+    if (lo - c < -80.0f) return false;
+    for (int64_t j = 0; j < Lp; j += VW) {
+      const F e = vexp<VW>(vload<F>(kr + j) - c);
+      vstore(kr + j, j + VW < Lp ? e : (last ? e : F{}));
+    }
+  }
+  for (int64_t j = 0; j < Lp; ++j) B[j] = j < L ? 1.0f : 0.0f;
+  const float a = static_cast<float>(1.0 / static_cast<double>(k));
+  const float b = static_cast<float>(1.0 / static_cast<double>(L));
+  const F lo_ok = F{} + 1e-30f, hi_ok = F{} + 1e30f;
+  I bad{};
+  for (int64_t it = 0; it < T; ++it) {
+    for (int64_t i = 0; i < k; ++i) {
+      const float* kr = Kt + i * Lp;
+      F s0{}, s1{};
+      int64_t j = 0;
+      for (; j + 2 * VW <= Lp; j += 2 * VW) {
+        s0 += vload<F>(kr + j) * vload<F>(B + j);
+        s1 += vload<F>(kr + j + VW) * vload<F>(B + j + VW);
+      }
+      if (j < Lp) s0 += vload<F>(kr + j) * vload<F>(B + j);
+      const float s = hsum<VW>(s0 + s1);
+      if (!(s >= 1e-30f && s <= 1e30f)) return false;
+      A[i] = a / s;
+    }
+    for (int64_t j = 0; j < Lp; j += VW) {
+      F s{};
+      for (int64_t i = 0; i < k; ++i) s += vload<F>(Kt + i * Lp + j) * A[i];
+      const auto valid = j + VW < Lp ? (I{} - 1) : last;
+      bad |= valid & ~((s >= lo_ok) & (s <= hi_ok));
+      vstore(B + j, valid ? b / s : F{});
+    }
+    bool any = false;
+    for (int l = 0; l < VW; ++l) any |= bad[l] != 0;
+    if (any) return false;
+  }
+  const float Lf = static_cast<float>(L);
+  for (int64_t j = 0; j < Lp; j += VW) {
+    F acc{};
+    for (int64_t i = 0; i < k; ++i) acc += (vload<F>(Kt + i * Lp + j) * A[i]) * vload<F>(S + i * Lp + j);
+    const F rv = (acc * vload<F>(B + j)) * Lf;
+    if (j + VW <= L) {
+      vstore(r + j, rv);
+    } else {
+      for (int64_t l = 0; j + l < L; ++l) r[j + l] = rv[l];
+    }
+  }
+  return true;
+}
+
 // Log-domain Sinkhorn (exactly T iterations, f then g) and r_j = L sum_i Pi_ij S_ij.
 // S: k x Lp (Lp a multiple of VW, padding zero). Z's padding is -inf, so it
 // adds nothing to the f sums; g's padding is held at 0 so that -inf + g stays
@@ -431,6 +645,10 @@ PGS_INL void sinkhorn_redundancy(const float* S, int64_t k, int64_t L, int64_t L
   float* cm = g + Lp;      // Lp
   float* cs = cm + Lp;     // Lp
   float* shv = cs + Lp;    // kp
+  if (sinkhorn_scaling<VW>(S, k, L, Lp, eps, T, r, work)) {
+    for (int64_t it = 0; it < T; ++it) prefetch(it);
+    return;
+  }
   for (int64_t i = 0; i < k; ++i) {
     for (int64_t j = 0; j < L; ++j) Z[i * Lp + j] = S[i * Lp + j] / eps;
     for (int64_t j = L; j < Lp; ++j) Z[i * Lp + j] = -kInf;
@@ -498,7 +716,7 @@ struct Params {
 
 // Per-thread work space.
 struct Buffers {
-  std::vector<float> img, Tk, S, Dt, sob, ot, invp, invt, xr, cbuf;
+  std::vector<float> img, Tk, S, Dt, sob, ot, invp, invt, xr, cbuf, panel, pmean, mvec;
   std::vector<double> esum, key;
   std::vector<int64_t> idx;
   std::vector<const float*> cptr;
@@ -536,7 +754,9 @@ PGS_INL void process_image(const Params& prm, const ImageIn& in, const ImageOut&
   const int64_t Lp = (L + VW - 1) / VW * VW;
 
   // Step 1: edge energy.
-  edge_sums<VW>(in.img, in.sc, in.sy, g, buf.esum.data(), buf.sob.data());
+  const bool patch_direct = prm.want_pixels && k > 0 && g.P % VW == 0;
+  edge_sums<VW>(in.img, in.sc, in.sy, g, buf.esum.data(), buf.sob.data(),
+                patch_direct ? buf.pmean.data() : nullptr, buf.mvec.data());
   const double inv_pp = 1.0 / (static_cast<double>(g.C) * static_cast<double>(g.P * g.P));
   double lo = std::numeric_limits<double>::infinity(), hi = -lo;
   bool any_nan = false;
@@ -579,6 +799,8 @@ PGS_INL void process_image(const Params& prm, const ImageIn& in, const ImageOut&
   } else {
     float* S = buf.S.data();
     const float** cp = buf.cptr.data();
+    constexpr int R = sweep_rows<VW>();
+    float q[R] = {};
     if (prm.want_pixels) {
       const int64_t dim = g.C * g.P * g.P, dpad = (dim + VW - 1) / VW * VW;
       float* invp = buf.invp.data();
@@ -587,13 +809,43 @@ PGS_INL void process_image(const Params& prm, const ImageIn& in, const ImageOut&
         center_patch<VW>(in.img, in.sc, in.sy, g, cand[i], dim, dpad, ci);
         cp[i] = ci;
       }
-      float* xr = buf.xr.data();
+      float* panel = buf.panel.data();
+      pack_panel<VW>(cp, k, dpad, panel);
       // The sweep is compute bound: meanwhile the tokens come into L2.
       const bool pf_tok = prm.want_tokens;
-      for (int64_t j = 0; j < L; ++j) {
-        if (pf_tok) prefetch_l2(in.tok + j * in.ld, prm.D);
-        invp[j] = inverse_norm(center_patch<VW>(in.img, in.sc, in.sy, g, j, dim, dpad, xr));
-        dots_row<VW>(xr, cp, k, dpad, S + j, Lp, nullptr);
+      const int64_t P = g.P;
+      for (int64_t j0 = 0; j0 < L; j0 += R) {
+        const int64_t nr = std::min<int64_t>(R, L - j0);
+        if (pf_tok) {
+          for (int64_t r = 0; r < nr; ++r) prefetch_l2(in.tok + (j0 + r) * in.ld, prm.D);
+        }
+        auto run = [&](auto rows) PGS_INL_LAMBDA {
+          constexpr int NR = decltype(rows)::value;
+          if (patch_direct) {
+            // Read in place: no copy of the patch, and the mean came with the edge pass.
+            Patch<VW, NR> s;
+            s.sc = in.sc, s.sy = in.sy, s.C = g.C, s.P = P;
+            for (int r = 0; r < NR; ++r) {
+              const int64_t j = j0 + r;
+              s.base[r] = in.img + (j / g.gw) * P * in.sy + (j % g.gw) * P;
+              s.v0[r] = s.base[r][0];
+              s.mean[r] = buf.pmean[j];
+            }
+            sweep_dots<VW, NR>(s, panel, k, dpad, S, Lp, j0, q);
+          } else {
+            Contig<VW, NR> s;
+            s.n = dpad;
+            for (int r = 0; r < NR; ++r) {
+              float* xr = buf.xr.data() + r * dpad;
+              center_patch<VW>(in.img, in.sc, in.sy, g, j0 + r, dim, dpad, xr);
+              s.x[r] = xr;
+            }
+            sweep_dots<VW, NR>(s, panel, k, dpad, S, Lp, j0, q);
+          }
+          for (int r = 0; r < NR; ++r) invp[j0 + r] = inverse_norm(q[r]);
+        };
+        if (nr == R) run(std::integral_constant<int, R>{});
+        else run(std::integral_constant<int, 1>{});
       }
       const float w = static_cast<float>(1.0 - prm.token_weight);
       for (int64_t i = 0; i < k; ++i) {
@@ -603,15 +855,24 @@ PGS_INL void process_image(const Params& prm, const ImageIn& in, const ImageOut&
       }
     }
     if (prm.want_tokens) {
-      const int64_t D = prm.D;
+      const int64_t D = prm.D, Dpad = (D + VW - 1) / VW * VW;
       float* Dt = buf.Dt.data();
       float* invt = buf.invt.data();
       for (int64_t i = 0; i < k; ++i) cp[i] = in.tok + cand[i] * in.ld;
-      for (int64_t j = 0; j < L; ++j) {
-        const float* x = in.tok + j * in.ld;
-        float q;
-        dots_row<VW>(x, cp, k, D, Dt + j, Lp, &q);
-        invt[j] = inverse_norm(q);
+      float* panel = buf.panel.data();
+      pack_panel<VW>(cp, k, D, panel);
+      for (int64_t j0 = 0; j0 < L; j0 += R) {
+        const int64_t nr = std::min<int64_t>(R, L - j0);
+        auto run = [&](auto rows) PGS_INL_LAMBDA {
+          constexpr int NR = decltype(rows)::value;
+          Contig<VW, NR> s;
+          s.n = D;
+          for (int r = 0; r < NR; ++r) s.x[r] = in.tok + (j0 + r) * in.ld;
+          sweep_dots<VW, NR>(s, panel, k, Dpad, Dt, Lp, j0, q);
+          for (int r = 0; r < NR; ++r) invt[j0 + r] = inverse_norm(q[r]);
+        };
+        if (nr == R) run(std::integral_constant<int, R>{});
+        else run(std::integral_constant<int, 1>{});
       }
       const float a = prm.alpha;
       for (int64_t i = 0; i < k; ++i) {
@@ -829,9 +1090,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_selec
     buf.invp.resize(L);
     buf.invt.resize(L);
     if (prm.want_pixels) {
-      buf.xr.resize(dpad);
+      buf.xr.resize(2 * dpad);
       buf.cbuf.resize(std::max<int64_t>(k, 1) * dpad);
     }
+    buf.panel.resize(std::max<int64_t>(k, 1) * std::max(dpad, up16(D)));
+    buf.pmean.resize(L);
+    buf.mvec.resize(gw * 16);
     buf.esum.resize(L);
     buf.key.resize(L);
     buf.idx.resize(L);

@@ -126,6 +126,10 @@ CASES = [
     (12, 2, 3, 32, 32, 8, torch.float32, "contiguous", None, dict(candidate_ratio=1.0, mask_ratio=0.3)),
     (13, 3, 3, 64, 64, 16, torch.float32, "contiguous", "fp32", dict(use_ot=False, candidate_ratio=0.0, edge_weight=0.0)),
     (14, 6, 3, 48, 48, 16, torch.float32, "channels_last", None, dict(mask_ratio=0.3, sim_threshold=0.2)),
+    # Small eps: Z spans more than fp32's exp range, so the log-domain loop runs
+    # instead of the scaling form; D = 37 exercises the token tail.
+    (15, 3, 3, 64, 64, 16, torch.float32, "contiguous", "odd", dict(token_weight=0.5, ot_reg=0.01)),
+    (16, 2, 3, 64, 64, 8, torch.float32, "contiguous", None, dict(ot_reg=0.005, ot_iters=30, candidate_ratio=0.2)),
 ]
 
 
@@ -151,6 +155,8 @@ def make_inputs(seed, B, C, H, W, P, dtype, layout, token_mode):
             tokens = base.to(torch.float16)
         elif token_mode == "strided":  # stride(2) != 1
             tokens = base.transpose(1, 2).contiguous().transpose(1, 2)
+        elif token_mode == "odd":  # D not a multiple of any vector width
+            tokens = base[:, :, :37].contiguous()
         elif token_mode == "dslice":  # unit stride along D, a row stride larger than D
             tokens = torch.cat([base, torch.randn(B, L, 5)], dim=2)[:, :, :D]
     return images, tokens, rand_noise(B, L, seed)
