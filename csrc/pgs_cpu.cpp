@@ -645,10 +645,7 @@ PGS_INL void sinkhorn_redundancy(const float* S, int64_t k, int64_t L, int64_t L
   float* cm = g + Lp;      // Lp
   float* cs = cm + Lp;     // Lp
   float* shv = cs + Lp;    // kp
-  if (sinkhorn_scaling<VW>(S, k, L, Lp, eps, T, r, work)) {
-    for (int64_t it = 0; it < T; ++it) prefetch(it);
-    return;
-  }
+  if (sinkhorn_scaling<VW>(S, k, L, Lp, eps, T, r, work)) return;
   for (int64_t i = 0; i < k; ++i) {
     for (int64_t j = 0; j < L; ++j) Z[i * Lp + j] = S[i * Lp + j] / eps;
     for (int64_t j = L; j < Lp; ++j) Z[i * Lp + j] = -kInf;
