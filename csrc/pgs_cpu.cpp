@@ -798,6 +798,16 @@ PGS_INL void process_image(const Params& prm, const ImageIn& in, const ImageOut&
     const float** cp = buf.cptr.data();
     constexpr int R = sweep_rows<VW>();
     float q[R] = {};
+    // The last sweep over this image's data streams from L2; meanwhile the next
+    // image's rows come into L2 for its edge pass, a share per step.
+    const bool last_is_tokens = prm.want_tokens;
+    auto prefetch_next = [&](int64_t j0, int64_t nr) {
+      if (!in.next_img) return;
+      const int64_t rows = g.C * g.H;
+      for (int64_t row = j0 * rows / L; row < (j0 + nr) * rows / L; ++row) {
+        prefetch_l2(in.next_img + (row / g.H) * in.sc + (row % g.H) * in.sy, g.W);
+      }
+    };
     if (prm.want_pixels) {
       const int64_t dim = g.C * g.P * g.P, dpad = (dim + VW - 1) / VW * VW;
       float* invp = buf.invp.data();
@@ -816,6 +826,7 @@ PGS_INL void process_image(const Params& prm, const ImageIn& in, const ImageOut&
         if (pf_tok) {
           for (int64_t r = 0; r < nr; ++r) prefetch_l2(in.tok + (j0 + r) * in.ld, prm.D);
         }
+        if (!last_is_tokens) prefetch_next(j0, nr);
         auto run = [&](auto rows) PGS_INL_LAMBDA {
           constexpr int NR = decltype(rows)::value;
           if (patch_direct) {
@@ -860,6 +871,7 @@ PGS_INL void process_image(const Params& prm, const ImageIn& in, const ImageOut&
       pack_panel<VW>(cp, k, D, panel);
       for (int64_t j0 = 0; j0 < L; j0 += R) {
         const int64_t nr = std::min<int64_t>(R, L - j0);
+        prefetch_next(j0, nr);
         auto run = [&](auto rows) PGS_INL_LAMBDA {
           constexpr int NR = decltype(rows)::value;
           Contig<VW, NR> s;
