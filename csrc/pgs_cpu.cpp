@@ -207,49 +207,46 @@ PGS_INL void sum_row(const float* __restrict img, int64_t sc, int64_t sy, const 
 // Sobel magnitude of the channel sum, summed per patch. The channel-sum rows
 // live in a ring of three, so the image is read once and no mean image is
 // stored. The Sobel is separable: V = up + 2 mid + down gives
-// Gx(x) = V(x+1) - V(x-1); D = down - up gives Gy(x) = D(x-1) + 2 D(x) + D(x+1).
-// A replicated border makes V and D replicate too, hence the padded rows. G is
-// summed over the P rows of a patch row per column in fp32, then over the P
-// columns of a patch in double. scratch: 7 W + 4 floats.
+// Gx(x) = V(x+1) - V(x-1); D = down - up gives Gy(x) = D(x-1) + 2 D(x) + D(x+1);
+// both come from the three ring rows in one loop. Each ring row has one
+// replicated element on either side (the replicated border in x; in y it is
+// the choice of rows). G is summed over the P rows of a patch row per column
+// in fp32, then over the P columns of a patch in double.
+// scratch: 5 W + 6 floats.
 template <int VW>
 PGS_INL void edge_sums(const float* img, int64_t sc, int64_t sy, const Geometry& g, double* esum,
                        float* scratch, float* pmean, float* mvec) {
   using F = typename VT<VW>::F;
   const int64_t H = g.H, W = g.W, P = g.P, gw = g.gw, nv = W / VW * VW;
-  float* ring = scratch;              // 3 W
-  float* __restrict V = ring + 3 * W;  // W + 2
-  float* __restrict D = V + W + 2;     // W + 2
-  float* __restrict acc = D + W + 2;   // W
-  sum_row<VW>(img, sc, sy, g, 0, ring);
-  if (H > 1) sum_row<VW>(img, sc, sy, g, 1, ring + W);
+  const int64_t rs = W + 2;                 // ring row stride
+  float* ring = scratch;                    // 3 (W + 2)
+  float* __restrict acc = ring + 3 * rs;    // W
+  float* __restrict m2 = acc + W;           // W
+  auto fill = [&](int64_t y) {
+    float* r = ring + (y % 3) * rs;
+    sum_row<VW>(img, sc, sy, g, y, r + 1);
+    r[0] = r[1];
+    r[W + 1] = r[W];
+  };
+  fill(0);
+  if (H > 1) fill(1);
   for (int64_t y = 0; y < H; ++y) {
-    if (y >= 1 && y + 1 < H) sum_row<VW>(img, sc, sy, g, y + 1, ring + ((y + 1) % 3) * W);
-    const float* __restrict up = ring + (std::max<int64_t>(y - 1, 0) % 3) * W;
-    const float* __restrict mid = ring + (y % 3) * W;
-    const float* __restrict dn = ring + (std::min<int64_t>(y + 1, H - 1) % 3) * W;
-    for (int64_t x = 0; x < nv; x += VW) {
-      const F u = vload<F>(up + x), d = vload<F>(dn + x);
-      vstore(V + x + 1, (u + 2.0f * vload<F>(mid + x)) + d);
-      vstore(D + x + 1, d - u);
-    }
-    for (int64_t x = nv; x < W; ++x) {
-      V[x + 1] = (up[x] + 2.0f * mid[x]) + dn[x];
-      D[x + 1] = dn[x] - up[x];
-    }
-    V[0] = V[1];
-    V[W + 1] = V[W];
-    D[0] = D[1];
-    D[W + 1] = D[W];
+    if (y >= 1 && y + 1 < H) fill(y + 1);
+    // Element x of a row is at [x + 1]; so these point one before it.
+    const float* __restrict up = ring + (std::max<int64_t>(y - 1, 0) % 3) * rs;
+    const float* __restrict mid = ring + (y % 3) * rs;
+    const float* __restrict dn = ring + (std::min<int64_t>(y + 1, H - 1) % 3) * rs;
     const bool first = y % P == 0;
-    float* __restrict m2 = acc + W;  // W
     for (int64_t x = 0; x < nv; x += VW) {
-      const F gx = vload<F>(V + x + 2) - vload<F>(V + x);
-      const F gy = (vload<F>(D + x) + 2.0f * vload<F>(D + x + 1)) + vload<F>(D + x + 2);
+      const F ul = vload<F>(up + x), uc = vload<F>(up + x + 1), ur = vload<F>(up + x + 2);
+      const F dl = vload<F>(dn + x), dc = vload<F>(dn + x + 1), dr = vload<F>(dn + x + 2);
+      const F gx = ((ur + 2.0f * vload<F>(mid + x + 2)) + dr) - ((ul + 2.0f * vload<F>(mid + x)) + dl);
+      const F gy = ((dl - ul) + 2.0f * (dc - uc)) + (dr - ur);
       vstore(m2 + x, gx * gx + gy * gy);
     }
     for (int64_t x = nv; x < W; ++x) {
-      const float gx = V[x + 2] - V[x];
-      const float gy = (D[x] + 2.0f * D[x + 1]) + D[x + 2];
+      const float gx = ((up[x + 2] + 2.0f * mid[x + 2]) + dn[x + 2]) - ((up[x] + 2.0f * mid[x]) + dn[x]);
+      const float gy = ((dn[x] - up[x]) + 2.0f * (dn[x + 1] - up[x + 1])) + (dn[x + 2] - up[x + 2]);
       m2[x] = gx * gx + gy * gy;
     }
     // A plain loop, so that gcc emits the vector sqrt.
@@ -1094,7 +1091,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_selec
     if (want_tokens && !tok_direct) buf.Tk.resize(L * D);
     buf.S.resize(std::max<int64_t>(k * Lp, 1));
     if (want_tokens) buf.Dt.resize(std::max<int64_t>(k * Lp, 1));
-    buf.sob.resize(7 * W + 4);
+    buf.sob.resize(5 * W + 6);
     buf.ot.resize(k * Lp + 3 * kp + 3 * Lp + 16);
     buf.invp.resize(L);
     buf.invt.resize(L);
