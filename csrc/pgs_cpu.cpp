@@ -417,20 +417,24 @@ struct Patch {
   float v0[R], mean[R];
 };
 
-// out[r NB + i] = <a_i, x_r>, q[r] = |x_r|^2 for the NB candidates of one
-// panel block. Each panel vector is loaded once and used for R rows.
+// The accumulators of one panel block: acc[r][i] += a_i x_r and qa[r] += x_r^2,
+// one vector of x_r at a time; each panel vector is loaded once for R rows.
 template <int VW, int NB, int R>
-PGS_INL void panel_dots(const Contig<VW, R>& s, const float* __restrict pa, float* out, float* q) {
+struct PanelAcc {
   using F = typename VT<VW>::F;
-  F acc[R][NB], qa[R];
+  F acc[R][NB];
+  F qa[R];
+  const float* __restrict pa;
+
+  PGS_INL explicit PanelAcc(const float* panel) : pa(panel) {
 #pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) {
-    qa[r] = F{};
+    for (int r = 0; r < R; ++r) {
+      qa[r] = F{};
 #pragma GCC unroll 16
-    for (int i = 0; i < NB; ++i) acc[r][i] = F{};
+      for (int i = 0; i < NB; ++i) acc[r][i] = F{};
+    }
   }
-  const int64_t n = s.n, nv = n / VW * VW;
-  auto step = [&](const F* xv) PGS_INL_LAMBDA {
+  PGS_INL void step(const F* xv) {
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) qa[r] += xv[r] * xv[r];
 #pragma GCC unroll 16
@@ -440,12 +444,26 @@ PGS_INL void panel_dots(const Contig<VW, R>& s, const float* __restrict pa, floa
       for (int r = 0; r < R; ++r) acc[r][i] += a * xv[r];
     }
     pa += NB * VW;
-  };
+  }
+  // out[r NB + i] = <a_i, x_r>, q[r] = |x_r|^2.
+  PGS_INL void finish(float* out, float* q) const {
+    for (int r = 0; r < R; ++r) {
+      q[r] = hsum<VW>(qa[r]);
+      for (int i = 0; i < NB; ++i) out[r * NB + i] = hsum<VW>(acc[r][i]);
+    }
+  }
+};
+
+template <int VW, int NB, int R>
+PGS_INL void panel_dots(const Contig<VW, R>& s, const float* pa, float* out, float* q) {
+  using F = typename VT<VW>::F;
+  PanelAcc<VW, NB, R> k(pa);
+  const int64_t n = s.n, nv = n / VW * VW;
   for (int64_t t = 0; t < nv; t += VW) {
     F xv[R];
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) xv[r] = vload<F>(s.x[r] + t);
-    step(xv);
+    k.step(xv);
   }
   if (nv < n) {
     F xv[R];
@@ -454,25 +472,20 @@ PGS_INL void panel_dots(const Contig<VW, R>& s, const float* __restrict pa, floa
       std::memcpy(tmp, s.x[r] + nv, (n - nv) * sizeof(float));
       xv[r] = vload<F>(tmp);
     }
-    step(xv);
+    k.step(xv);
   }
-  for (int r = 0; r < R; ++r) {
-    q[r] = hsum<VW>(qa[r]);
-    for (int i = 0; i < NB; ++i) out[r * NB + i] = hsum<VW>(acc[r][i]);
-  }
+  k.finish(out, q);
 }
 
 template <int VW, int NB, int R>
-PGS_INL void panel_dots(const Patch<VW, R>& s, const float* __restrict pa, float* out, float* q) {
+PGS_INL void panel_dots(const Patch<VW, R>& s, const float* pa, float* out, float* q) {
   using F = typename VT<VW>::F;
-  F acc[R][NB], qa[R], v0[R], mean[R];
+  PanelAcc<VW, NB, R> k(pa);
+  F v0[R], mean[R];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
-    qa[r] = F{};
     v0[r] = F{} + s.v0[r];
     mean[r] = F{} + s.mean[r];
-#pragma GCC unroll 16
-    for (int i = 0; i < NB; ++i) acc[r][i] = F{};
   }
   for (int64_t c = 0; c < s.C; ++c) {
     for (int64_t row = 0; row < s.P; ++row) {
@@ -480,24 +493,12 @@ PGS_INL void panel_dots(const Patch<VW, R>& s, const float* __restrict pa, float
       for (int64_t t = 0; t < s.P; t += VW) {
         F xv[R];
 #pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) {
-          xv[r] = (vload<F>(s.base[r] + off + t) - v0[r]) - mean[r];
-          qa[r] += xv[r] * xv[r];
-        }
-#pragma GCC unroll 16
-        for (int i = 0; i < NB; ++i) {
-          const F a = vload<F>(pa + i * VW);
-#pragma GCC unroll 4
-          for (int r = 0; r < R; ++r) acc[r][i] += a * xv[r];
-        }
-        pa += NB * VW;
+        for (int r = 0; r < R; ++r) xv[r] = (vload<F>(s.base[r] + off + t) - v0[r]) - mean[r];
+        k.step(xv);
       }
     }
   }
-  for (int r = 0; r < R; ++r) {
-    q[r] = hsum<VW>(qa[r]);
-    for (int i = 0; i < NB; ++i) out[r * NB + i] = hsum<VW>(acc[r][i]);
-  }
+  k.finish(out, q);
 }
 
 // S[i ld + j0 + r] = <a_i, x_r> for all k candidates (block by block) and the
