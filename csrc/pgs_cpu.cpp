@@ -816,14 +816,9 @@ PGS_INL void process_image(const Params& prm, const ImageIn& in, const ImageOut&
       }
       float* panel = buf.panel.data();
       pack_panel<VW>(cp, k, dpad, panel);
-      // The sweep is compute bound: meanwhile the tokens come into L2.
-      const bool pf_tok = prm.want_tokens;
       const int64_t P = g.P;
       for (int64_t j0 = 0; j0 < L; j0 += R) {
         const int64_t nr = std::min<int64_t>(R, L - j0);
-        if (pf_tok) {
-          for (int64_t r = 0; r < nr; ++r) prefetch_l2(in.tok + (j0 + r) * in.ld, prm.D);
-        }
         if (!last_is_tokens) prefetch_next(j0, nr);
         auto run = [&](auto rows) PGS_INL_LAMBDA {
           constexpr int NR = decltype(rows)::value;
