@@ -413,7 +413,8 @@ struct Contig {
 template <int VW, int R>
 struct Patch {
   const float* base[R];
-  int64_t sc, sy, C, P;
+  const int64_t* seg;  // offsets of the C P pixel rows of a patch from its first pixel
+  int64_t nseg, P;
   float v0[R], mean[R];
 };
 
@@ -487,15 +488,19 @@ PGS_INL void panel_dots(const Patch<VW, R>& s, const float* pa, float* out, floa
     v0[r] = F{} + s.v0[r];
     mean[r] = F{} + s.mean[r];
   }
-  for (int64_t c = 0; c < s.C; ++c) {
-    for (int64_t row = 0; row < s.P; ++row) {
-      const int64_t off = c * s.sc + row * s.sy;
-      for (int64_t t = 0; t < s.P; t += VW) {
-        F xv[R];
+  // One flat loop over the pixel rows (one vector each when P == VW): the
+  // nested (channel, row) loops cost as much bookkeeping as arithmetic.
+  auto row = [&](int64_t off) PGS_INL_LAMBDA {
+    F xv[R];
 #pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) xv[r] = (vload<F>(s.base[r] + off + t) - v0[r]) - mean[r];
-        k.step(xv);
-      }
+    for (int r = 0; r < R; ++r) xv[r] = (vload<F>(s.base[r] + off) - v0[r]) - mean[r];
+    k.step(xv);
+  };
+  if (s.P == VW) {
+    for (int64_t g = 0; g < s.nseg; ++g) row(s.seg[g]);
+  } else {
+    for (int64_t g = 0; g < s.nseg; ++g) {
+      for (int64_t t = 0; t < s.P; t += VW) row(s.seg[g] + t);
     }
   }
   k.finish(out, q);
@@ -713,7 +718,7 @@ struct Params {
 struct Buffers {
   std::vector<float> img, Tk, S, Dt, sob, ot, invp, invt, xr, cbuf, panel, pmean, mvec;
   std::vector<double> esum, key;
-  std::vector<int64_t> idx;
+  std::vector<int64_t> idx, seg;
   std::vector<const float*> cptr;
   std::vector<uint8_t> tier;
 };
@@ -817,6 +822,9 @@ PGS_INL void process_image(const Params& prm, const ImageIn& in, const ImageOut&
       float* panel = buf.panel.data();
       pack_panel<VW>(cp, k, dpad, panel);
       const int64_t P = g.P;
+      for (int64_t c = 0; c < g.C; ++c) {
+        for (int64_t row = 0; row < P; ++row) buf.seg[c * P + row] = c * in.sc + row * in.sy;
+      }
       for (int64_t j0 = 0; j0 < L; j0 += R) {
         const int64_t nr = std::min<int64_t>(R, L - j0);
         if (!last_is_tokens) prefetch_next(j0, nr);
@@ -825,7 +833,7 @@ PGS_INL void process_image(const Params& prm, const ImageIn& in, const ImageOut&
           if (patch_direct) {
             // Read in place: no copy of the patch, and the mean came with the edge pass.
             Patch<VW, NR> s;
-            s.sc = in.sc, s.sy = in.sy, s.C = g.C, s.P = P;
+            s.seg = buf.seg.data(), s.nseg = g.C * P, s.P = P;
             for (int r = 0; r < NR; ++r) {
               const int64_t j = j0 + r;
               s.base[r] = in.img + (j / g.gw) * P * in.sy + (j % g.gw) * P;
@@ -1101,6 +1109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_selec
     buf.esum.resize(L);
     buf.key.resize(L);
     buf.idx.resize(L);
+    buf.seg.resize(C * P);
     buf.cptr.resize(std::max<int64_t>(k, 1));
     buf.tier.resize(L);
 
