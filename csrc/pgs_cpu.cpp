@@ -42,6 +42,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <numeric>
 #include <tuple>
 #include <type_traits>
@@ -715,8 +716,25 @@ struct Params {
 };
 
 // Per-thread work space.
+// 64-byte aligned storage: with malloc's 16-byte alignment every AVX-512 load
+// from these buffers would straddle two cache lines.
+template <class T>
+struct CacheLineAlloc {
+  using value_type = T;
+  CacheLineAlloc() = default;
+  template <class U>
+  CacheLineAlloc(const CacheLineAlloc<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64})); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t{64}); }
+  template <class U>
+  bool operator==(const CacheLineAlloc<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const CacheLineAlloc<U>&) const { return false; }
+};
+using FloatBuf = std::vector<float, CacheLineAlloc<float>>;
+
 struct Buffers {
-  std::vector<float> img, Tk, S, Dt, sob, ot, invp, invt, xr, cbuf, panel, pmean, mvec;
+  FloatBuf img, Tk, S, Dt, sob, ot, invp, invt, xr, cbuf, panel, pmean, mvec;
   std::vector<double> esum, key;
   std::vector<int64_t> idx, seg;
   std::vector<const float*> cptr;
