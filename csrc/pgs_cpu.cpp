@@ -534,6 +534,15 @@ PGS_INL void sweep_dots(const Src& s, const float* panel, int64_t k, int64_t npa
   }
 }
 
+// fn(std::integral_constant<int, NR>, j0) over rows 0..L-1 in groups of R,
+// the rows left over one at a time.
+template <int R, class Fn>
+PGS_INL void for_row_groups(int64_t L, const Fn& fn) {
+  int64_t j0 = 0;
+  for (; j0 + R <= L; j0 += R) fn(std::integral_constant<int, R>{}, j0);
+  for (; j0 < L; ++j0) fn(std::integral_constant<int, 1>{}, j0);
+}
+
 PGS_INL float inverse_norm(float q) {
   return static_cast<float>(1.0 / (std::sqrt(static_cast<double>(q)) + kEps));
 }
@@ -635,21 +644,19 @@ PGS_INL bool sinkhorn_scaling(const float* S, int64_t k, int64_t L, int64_t Lp, 
 // Log-domain Sinkhorn (exactly T iterations, f then g) and r_j = L sum_i Pi_ij S_ij.
 // S: k x Lp (Lp a multiple of VW, padding zero). Z's padding is -inf, so it
 // adds nothing to the f sums; g's padding is held at 0 so that -inf + g stays
-// -inf. work: k*Lp + 3*kp + 3*Lp floats, kp = k rounded up to VW.
-// prefetch(it) runs at the start of iteration it (the loop is compute bound).
-template <int VW, class Pf>
+// -inf. work: k*Lp + 3*kp + 2*Lp floats, kp = k rounded up to VW.
+template <int VW>
 PGS_INL void sinkhorn_redundancy(const float* S, int64_t k, int64_t L, int64_t Lp, float eps, int64_t T,
-                                 float* r, float* work, const Pf& prefetch) {
+                                 float* r, float* work) {
+  if (sinkhorn_scaling<VW>(S, k, L, Lp, eps, T, r, work)) return;
   using F = typename VT<VW>::F;
   const int64_t kp = (k + VW - 1) / VW * VW;
   float* Z = work;
   float* f = Z + k * Lp;   // kp
   float* fs = f + kp;      // kp: per-row sums, then shifts
   float* g = fs + kp;      // Lp
-  float* cm = g + Lp;      // Lp
-  float* cs = cm + Lp;     // Lp
+  float* cs = g + Lp;      // Lp
   float* shv = cs + Lp;    // kp
-  if (sinkhorn_scaling<VW>(S, k, L, Lp, eps, T, r, work)) return;
   for (int64_t i = 0; i < k; ++i) {
     for (int64_t j = 0; j < L; ++j) Z[i * Lp + j] = S[i * Lp + j] / eps;
     for (int64_t j = L; j < Lp; ++j) Z[i * Lp + j] = -kInf;
@@ -660,7 +667,6 @@ PGS_INL void sinkhorn_redundancy(const float* S, int64_t k, int64_t L, int64_t L
   for (int64_t i = k; i < kp; ++i) fs[i] = 1.0f, shv[i] = 0.0f;
 
   for (int64_t it = 0; it < T; ++it) {
-    prefetch(it);
     // f_i = log_a - logsumexp_j (Z_ij + g_j)
     for (int64_t i = 0; i < k; ++i) {
       const float* z = Z + i * Lp;
@@ -710,12 +716,11 @@ PGS_INL void sinkhorn_redundancy(const float* S, int64_t k, int64_t L, int64_t L
 struct Params {
   Geometry g;
   int64_t K, k, D, T;
-  float theta, alpha, w_e, eps;
+  float theta, alpha, eps;
   double edge_weight, token_weight;
   bool use_ot, want_pixels, want_tokens;
 };
 
-// Per-thread work space.
 // 64-byte aligned storage: with malloc's 16-byte alignment every AVX-512 load
 // from these buffers would straddle two cache lines.
 template <class T>
@@ -733,6 +738,7 @@ struct CacheLineAlloc {
 };
 using FloatBuf = std::vector<float, CacheLineAlloc<float>>;
 
+// Per-thread work space.
 struct Buffers {
   FloatBuf img, Tk, S, Dt, sob, ot, invp, invt, xr, cbuf, panel, pmean, mvec;
   std::vector<double> esum, key;
@@ -797,7 +803,7 @@ PGS_INL void process_image(const Params& prm, const ImageIn& in, const ImageOut&
   // carries no extra rounding into the order.
   for (int64_t j = 0; j < L; ++j) {
     double key = static_cast<double>(in.u[j]);
-    if (prm.w_e != 0.0f) key += prm.edge_weight * buf.esum[j];
+    if (prm.edge_weight != 0.0) key += prm.edge_weight * buf.esum[j];
     buf.key[j] = std::isnan(key) ? std::numeric_limits<double>::infinity() : key;
   }
   const double* key = buf.key.data();
@@ -840,40 +846,32 @@ PGS_INL void process_image(const Params& prm, const ImageIn& in, const ImageOut&
       float* panel = buf.panel.data();
       pack_panel<VW>(cp, k, dpad, panel);
       const int64_t P = g.P;
-      for (int64_t c = 0; c < g.C; ++c) {
-        for (int64_t row = 0; row < P; ++row) buf.seg[c * P + row] = c * in.sc + row * in.sy;
-      }
-      for (int64_t j0 = 0; j0 < L; j0 += R) {
-        const int64_t nr = std::min<int64_t>(R, L - j0);
-        if (!last_is_tokens) prefetch_next(j0, nr);
-        auto run = [&](auto rows) PGS_INL_LAMBDA {
-          constexpr int NR = decltype(rows)::value;
-          if (patch_direct) {
-            // Read in place: no copy of the patch, and the mean came with the edge pass.
-            Patch<VW, NR> s;
-            s.seg = buf.seg.data(), s.nseg = g.C * P, s.P = P;
-            for (int r = 0; r < NR; ++r) {
-              const int64_t j = j0 + r;
-              s.base[r] = in.img + (j / g.gw) * P * in.sy + (j % g.gw) * P;
-              s.v0[r] = s.base[r][0];
-              s.mean[r] = buf.pmean[j];
-            }
-            sweep_dots<VW, NR>(s, panel, k, dpad, S, Lp, j0, q);
-          } else {
-            Contig<VW, NR> s;
-            s.n = dpad;
-            for (int r = 0; r < NR; ++r) {
-              float* xr = buf.xr.data() + r * dpad;
-              center_patch<VW>(in.img, in.sc, in.sy, g, j0 + r, dim, dpad, xr);
-              s.x[r] = xr;
-            }
-            sweep_dots<VW, NR>(s, panel, k, dpad, S, Lp, j0, q);
+      for_row_groups<R>(L, [&](auto rows, int64_t j0) PGS_INL_LAMBDA {
+        constexpr int NR = decltype(rows)::value;
+        if (!last_is_tokens) prefetch_next(j0, NR);
+        if (patch_direct) {
+          // Read in place: no copy of the patch, and the mean came with the edge pass.
+          Patch<VW, NR> s;
+          s.seg = buf.seg.data(), s.nseg = g.C * P, s.P = P;
+          for (int r = 0; r < NR; ++r) {
+            const int64_t j = j0 + r;
+            s.base[r] = in.img + (j / g.gw) * P * in.sy + (j % g.gw) * P;
+            s.v0[r] = s.base[r][0];
+            s.mean[r] = buf.pmean[j];
           }
-          for (int r = 0; r < NR; ++r) invp[j0 + r] = inverse_norm(q[r]);
-        };
-        if (nr == R) run(std::integral_constant<int, R>{});
-        else run(std::integral_constant<int, 1>{});
-      }
+          sweep_dots<VW, NR>(s, panel, k, dpad, S, Lp, j0, q);
+        } else {
+          Contig<VW, NR> s;
+          s.n = dpad;
+          for (int r = 0; r < NR; ++r) {
+            float* xr = buf.xr.data() + r * dpad;
+            center_patch<VW>(in.img, in.sc, in.sy, g, j0 + r, dim, dpad, xr);
+            s.x[r] = xr;
+          }
+          sweep_dots<VW, NR>(s, panel, k, dpad, S, Lp, j0, q);
+        }
+        for (int r = 0; r < NR; ++r) invp[j0 + r] = inverse_norm(q[r]);
+      });
       const float w = static_cast<float>(1.0 - prm.token_weight);
       for (int64_t i = 0; i < k; ++i) {
         const float ci = invp[cand[i]];
@@ -888,20 +886,15 @@ PGS_INL void process_image(const Params& prm, const ImageIn& in, const ImageOut&
       for (int64_t i = 0; i < k; ++i) cp[i] = in.tok + cand[i] * in.ld;
       float* panel = buf.panel.data();
       pack_panel<VW>(cp, k, D, panel);
-      for (int64_t j0 = 0; j0 < L; j0 += R) {
-        const int64_t nr = std::min<int64_t>(R, L - j0);
-        prefetch_next(j0, nr);
-        auto run = [&](auto rows) PGS_INL_LAMBDA {
-          constexpr int NR = decltype(rows)::value;
-          Contig<VW, NR> s;
-          s.n = D;
-          for (int r = 0; r < NR; ++r) s.x[r] = in.tok + (j0 + r) * in.ld;
-          sweep_dots<VW, NR>(s, panel, k, Dpad, Dt, Lp, j0, q);
-          for (int r = 0; r < NR; ++r) invt[j0 + r] = inverse_norm(q[r]);
-        };
-        if (nr == R) run(std::integral_constant<int, R>{});
-        else run(std::integral_constant<int, 1>{});
-      }
+      for_row_groups<R>(L, [&](auto rows, int64_t j0) PGS_INL_LAMBDA {
+        constexpr int NR = decltype(rows)::value;
+        prefetch_next(j0, NR);
+        Contig<VW, NR> s;
+        s.n = D;
+        for (int r = 0; r < NR; ++r) s.x[r] = in.tok + (j0 + r) * in.ld;
+        sweep_dots<VW, NR>(s, panel, k, Dpad, Dt, Lp, j0, q);
+        for (int r = 0; r < NR; ++r) invt[j0 + r] = inverse_norm(q[r]);
+      });
       const float a = prm.alpha;
       for (int64_t i = 0; i < k; ++i) {
         const float ci = invt[cand[i]];
@@ -918,15 +911,7 @@ PGS_INL void process_image(const Params& prm, const ImageIn& in, const ImageOut&
       for (int64_t j = L; j < Lp; ++j) S[i * Lp + j] = 0.0f;
     }
     if (prm.use_ot) {
-      // Compute bound: meanwhile the next image's rows come into L2.
-      const int64_t R = g.C * g.H, T = prm.T;
-      auto prefetch = [&](int64_t it) {
-        if (!in.next_img) return;
-        for (int64_t row = it * R / T; row < (it + 1) * R / T; ++row) {
-          prefetch_l2(in.next_img + (row / g.H) * in.sc + (row % g.H) * in.sy, g.W);
-        }
-      };
-      sinkhorn_redundancy<VW>(S, k, L, Lp, prm.eps, prm.T, r, buf.ot.data(), prefetch);
+      sinkhorn_redundancy<VW>(S, k, L, Lp, prm.eps, prm.T, r, buf.ot.data());
     } else {
       max_redundancy(S, k, L, Lp, r);
     }
@@ -1088,7 +1073,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_selec
   // .to and .contiguous return the tensor itself when nothing is to be done.
   const at::Tensor noise = noise_in.to(at::kFloat).contiguous();
   Params prm{{C, H, W, P, gh, gw, L}, K, k, D, ot_iters, static_cast<float>(sim_threshold),
-             static_cast<float>(token_weight), static_cast<float>(edge_weight), static_cast<float>(ot_reg),
+             static_cast<float>(token_weight), static_cast<float>(ot_reg),
              edge_weight, token_weight, use_ot, token_weight < 1.0, want_tokens};
 
   const float* u_all = noise.data_ptr<float>();
@@ -1114,7 +1099,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_selec
     buf.S.resize(std::max<int64_t>(k * Lp, 1));
     if (want_tokens) buf.Dt.resize(std::max<int64_t>(k * Lp, 1));
     buf.sob.resize(5 * W + 6);
-    buf.ot.resize(k * Lp + 3 * kp + 3 * Lp + 16);
+    buf.ot.resize(k * Lp + 3 * kp + 2 * Lp + 16);
     buf.invp.resize(L);
     buf.invt.resize(L);
     if (prm.want_pixels) {
@@ -1128,6 +1113,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_selec
     buf.key.resize(L);
     buf.idx.resize(L);
     buf.seg.resize(C * P);
+    // Offsets of a patch's C P pixel rows from its first pixel, in the layout
+    // the kernel reads (the tensor's own, or the converted copy's).
+    const int64_t sc = img_direct ? ist[1] : H * W, sy = img_direct ? ist[2] : W;
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t row = 0; row < P; ++row) buf.seg[c * P + row] = c * sc + row * sy;
+    }
     buf.cptr.resize(std::max<int64_t>(k, 1));
     buf.tier.resize(L);
 
@@ -1135,8 +1126,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_selec
       ImageIn in{};
       if (img_direct) {
         in.img = images.const_data_ptr<float>() + b * ist[0];
-        in.sc = ist[1];
-        in.sy = ist[2];
+        in.sc = sc;
+        in.sy = sy;
       } else {
         with_float_type(images.scalar_type(), [&](auto zero) {
           using T = decltype(zero);
@@ -1148,8 +1139,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_selec
           }
         });
         in.img = buf.img.data();
-        in.sc = H * W;
-        in.sy = W;
+        in.sc = sc;
+        in.sy = sy;
       }
       if (tok_direct) {
         in.tok = tokens.const_data_ptr<float>() + b * tokens.stride(0);
