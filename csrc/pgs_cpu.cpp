@@ -79,6 +79,15 @@ PGS_INL void vstore(float* p, V v) {
   std::memcpy(p, &v, sizeof v);
 }
 
+// Lane-wise sqrt; with -fno-math-errno gcc makes it one vector sqrt.
+template <int VW>
+PGS_INL typename VT<VW>::F vsqrt(typename VT<VW>::F v) {
+  typename VT<VW>::F r;
+#pragma GCC unroll 16
+  for (int l = 0; l < VW; ++l) r[l] = __builtin_sqrtf(v[l]);
+  return r;
+}
+
 // Pairwise over lanes, so the order is fixed by VW alone.
 template <int VW>
 PGS_INL float hsum(typename VT<VW>::F v) {
@@ -213,7 +222,7 @@ PGS_INL void sum_row(const float* __restrict img, int64_t sc, int64_t sy, const 
 // replicated element on either side (the replicated border in x; in y it is
 // the choice of rows). G is summed over the P rows of a patch row per column
 // in fp32, then over the P columns of a patch in double.
-// scratch: 5 W + 6 floats.
+// scratch: 4 W + 6 floats.
 template <int VW>
 PGS_INL void edge_sums(const float* img, int64_t sc, int64_t sy, const Geometry& g, double* esum,
                        float* scratch, float* pmean, float* mvec) {
@@ -222,7 +231,6 @@ PGS_INL void edge_sums(const float* img, int64_t sc, int64_t sy, const Geometry&
   const int64_t rs = W + 2;                 // ring row stride
   float* ring = scratch;                    // 3 (W + 2)
   float* __restrict acc = ring + 3 * rs;    // W
-  float* __restrict m2 = acc + W;           // W
   auto fill = [&](int64_t y) {
     float* r = ring + (y % 3) * rs;
     sum_row<VW>(img, sc, sy, g, y, r + 1);
@@ -243,34 +251,33 @@ PGS_INL void edge_sums(const float* img, int64_t sc, int64_t sy, const Geometry&
       const F dl = vload<F>(dn + x), dc = vload<F>(dn + x + 1), dr = vload<F>(dn + x + 2);
       const F gx = ((ur + 2.0f * vload<F>(mid + x + 2)) + dr) - ((ul + 2.0f * vload<F>(mid + x)) + dl);
       const F gy = ((dl - ul) + 2.0f * (dc - uc)) + (dr - ur);
-      vstore(m2 + x, gx * gx + gy * gy);
+      const F gm = vsqrt<VW>(gx * gx + gy * gy);
+      vstore(acc + x, first ? gm : vload<F>(acc + x) + gm);
     }
     for (int64_t x = nv; x < W; ++x) {
       const float gx = ((up[x + 2] + 2.0f * mid[x + 2]) + dn[x + 2]) - ((up[x] + 2.0f * mid[x]) + dn[x]);
       const float gy = ((dn[x] - up[x]) + 2.0f * (dn[x + 1] - up[x + 1])) + (dn[x + 2] - up[x + 2]);
-      m2[x] = gx * gx + gy * gy;
-    }
-    // A plain loop, so that gcc emits the vector sqrt.
-    if (first) {
-      for (int64_t x = 0; x < W; ++x) acc[x] = std::sqrt(m2[x]);
-    } else {
-      for (int64_t x = 0; x < W; ++x) acc[x] += std::sqrt(m2[x]);
+      const float gm = std::sqrt(gx * gx + gy * gy);
+      acc[x] = first ? gm : acc[x] + gm;
     }
     // With pmean (P % VW == 0): mean(x_j - v0_j) of every patch j, for
     // center_patch's centering in the similarity sweep, while the row is in L1;
     // v0_j is the patch's first pixel (channel 0). One vector per patch column
     // accumulates over the band's rows and channels.
     if (pmean) {
+      // sum_c (x_c - v0) = (channel sum) - C v0, from the ring row already at
+      // hand instead of C image rows. C v0 is added up in sum_row's order, so a
+      // constant patch still gives exactly zero.
       const float* v0row = img + (y / P) * P * sy;
       if (first) std::fill(mvec, mvec + gw * VW, 0.0f);
-      for (int64_t c = 0; c < g.C; ++c) {
-        const float* src = img + c * sc + y * sy;
-        for (int64_t pc = 0; pc < gw; ++pc) {
-          const float v0 = v0row[pc * P];
-          F a = vload<F>(mvec + pc * VW);
-          for (int64_t t = 0; t < P; t += VW) a += vload<F>(src + pc * P + t) - v0;
-          vstore(mvec + pc * VW, a);
-        }
+      const float* ysum = mid + 1;
+      for (int64_t pc = 0; pc < gw; ++pc) {
+        const float v0 = v0row[pc * P];
+        float cv0 = v0;
+        for (int64_t c = 1; c < g.C; ++c) cv0 += v0;
+        F a = vload<F>(mvec + pc * VW);
+        for (int64_t t = 0; t < P; t += VW) a += vload<F>(ysum + pc * P + t) - cv0;
+        vstore(mvec + pc * VW, a);
       }
       if (y % P == P - 1) {
         const float dim = static_cast<float>(g.C * P * P);
@@ -497,12 +504,24 @@ PGS_INL void panel_dots(const Patch<VW, R>& s, const float* pa, float* out, floa
     for (int r = 0; r < R; ++r) xv[r] = (vload<F>(s.base[r] + off) - v0[r]) - mean[r];
     k.step(xv);
   };
-  if (s.P == VW) {
-    for (int64_t g = 0; g < s.nseg; ++g) row(s.seg[g]);
-  } else {
+  // The vectors of a pixel row unrolled for the usual P / VW, so that the
+  // row loop's bookkeeping is paid once per pixel row, not once per vector.
+  auto rows = [&](auto per_row) PGS_INL_LAMBDA {
+    constexpr int PV = decltype(per_row)::value;
     for (int64_t g = 0; g < s.nseg; ++g) {
-      for (int64_t t = 0; t < s.P; t += VW) row(s.seg[g] + t);
+      const int64_t off = s.seg[g];
+#pragma GCC unroll 4
+      for (int t = 0; t < PV; ++t) row(off + t * VW);
     }
+  };
+  switch (s.P / VW) {
+    case 1: rows(std::integral_constant<int, 1>{}); break;
+    case 2: rows(std::integral_constant<int, 2>{}); break;
+    case 4: rows(std::integral_constant<int, 4>{}); break;
+    default:
+      for (int64_t g = 0; g < s.nseg; ++g) {
+        for (int64_t t = 0; t < s.P; t += VW) row(s.seg[g] + t);
+      }
   }
   k.finish(out, q);
 }
@@ -1098,7 +1117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_selec
     if (want_tokens && !tok_direct) buf.Tk.resize(L * D);
     buf.S.resize(std::max<int64_t>(k * Lp, 1));
     if (want_tokens) buf.Dt.resize(std::max<int64_t>(k * Lp, 1));
-    buf.sob.resize(5 * W + 6);
+    buf.sob.resize(4 * W + 6);
     buf.ot.resize(k * Lp + 3 * kp + 2 * Lp + 16);
     buf.invp.resize(L);
     buf.invt.resize(L);
