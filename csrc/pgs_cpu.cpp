@@ -393,16 +393,19 @@ PGS_INL int block_size(int64_t k, int64_t nblocks, int64_t blk) {
 
 template <int VW>
 PGS_INL void pack_panel(const float* const* a, int64_t k, int64_t n, float* __restrict out) {
-  const int64_t npad = (n + VW - 1) / VW * VW, nblocks = block_count<VW>(k);
+  using F = typename VT<VW>::F;
+  const int64_t npad = (n + VW - 1) / VW * VW, nv = n / VW * VW, nblocks = block_count<VW>(k);
   for (int64_t blk = 0, i0 = 0; blk < nblocks; ++blk) {
     const int nb = block_size<VW>(k, nblocks, blk);
     float* o = out + i0 * npad;
-    for (int64_t t = 0; t < npad; t += VW) {
-      for (int i = 0; i < nb; ++i) {
-        const float* src = a[i0 + i];
-        for (int l = 0; l < VW; ++l) o[i * VW + l] = t + l < n ? src[t + l] : 0.0f;
-      }
+    for (int64_t t = 0; t < nv; t += VW) {
+      for (int i = 0; i < nb; ++i) vstore(o + i * VW, vload<F>(a[i0 + i] + t));
       o += nb * VW;
+    }
+    if (nv < n) {
+      for (int i = 0; i < nb; ++i) {
+        for (int l = 0; l < VW; ++l) o[i * VW + l] = nv + l < n ? a[i0 + i][nv + l] : 0.0f;
+      }
     }
     i0 += nb;
   }
