@@ -6,6 +6,7 @@ that tolerance, and every output, NaN/Inf inputs included, must meet the
 invariants of :func:`assert_valid_selection`.
 """
 
+import json
 import math
 import os
 import subprocess
@@ -415,3 +416,19 @@ def test_fallback_without_extension():
                          timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.strip().endswith("ok")
+
+
+@needs_native
+def test_native_speed_bench_writes_its_figures(tmp_path):
+    """bench/native_speed.py on a tiny case: it runs and its JSON holds every figure the README quotes."""
+    out = tmp_path / "native.json"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "native_speed.py"), "--batch-size", "2", "--size", "32",
+           "--token-dim", "8", "--repeats", "2", "--warmup", "1", "--threads", "1", "--no-fp64",
+           "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    res = json.loads(out.read_text())
+    assert res["cpu_simd"] in ("avx512", "avx2", "sse2", "unknown")
+    assert {r["impl"] for r in res["rows"]} == {"native", "reference-fp32"}
+    for key in ("native_ms_per_image_1_thread", "speedup_vs_fp32_reference_1_threads",
+                "best_of_speedup_vs_fp32_reference_1_threads"):
+        assert res["summary"][key] > 0
