@@ -66,22 +66,9 @@ def cpu_model() -> str:
 
 
 def cpu_simd() -> str:
-    """The instruction set the native kernel picks here (it checks the same
-    levels at run time: x86-64-v4, then v3, else SSE2)."""
-    flags = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        return "unknown"
-    if {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= flags:
-        return "avx512"
-    if {"avx2", "fma", "bmi2", "f16c", "movbe"} <= flags:
-        return "avx2"
-    return "sse2" if flags else "unknown"
+    """The compiled variant the native kernel dispatches to on this CPU, as
+    the kernel itself reports it."""
+    return {16: "avx512", 8: "avx2", 4: "baseline"}[pgs_kernels.op._C.simd_width()]
 
 
 def git_commit() -> str:
@@ -150,8 +137,9 @@ def main(argv=None):
         nat = by[("native", r["threads"])]["median_ms"]
         r["native_speedup"] = r["median_ms"] / nat  # how many times faster native is than this row
 
+    simd = cpu_simd()
     print(f"pgs_select on CPU: batch {B}, {S}x{S}, patch {P} (L={L}), fp32 images, fp32 tokens D={D}, "
-          f"token_weight={args.token_weight}; {cpu_model()} ({cpu_simd()}), torch {torch.__version__}")
+          f"token_weight={args.token_weight}; {cpu_model()} ({simd}), torch {torch.__version__}")
     print(f"{'impl':<16}{'threads':>8}{'median ms':>12}{'ms/image':>10}{'native x':>10}")
     for r in rows:
         print(f"{r['impl']:<16}{r['threads']:>8}{r['median_ms']:>12.1f}{r['ms_per_image']:>10.3f}"
@@ -173,7 +161,7 @@ def main(argv=None):
     result = {
         "benchmark": "native_speed",
         "device": cpu_model(),
-        "cpu_simd": cpu_simd(),
+        "cpu_simd": simd,
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "commit": git_commit(),

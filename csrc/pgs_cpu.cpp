@@ -1201,10 +1201,17 @@ TORCH_LIBRARY(pgs_kernels, m) {
 
 TORCH_LIBRARY_IMPL(pgs_kernels, CPU, m) { m.impl("pgs_select", &pgs::pgs_select_cpu); }
 
-// The operator lives in the dispatcher; the Python module only has to exist
-// so that importing it runs the registrations above.
+// The operator lives in the dispatcher; importing the Python module runs the
+// registrations above. Its one function says which compiled variant the
+// kernel dispatches to on this CPU, so that benchmarks can record it.
+static PyObject* simd_width(PyObject*, PyObject*) { return PyLong_FromLong(pgs::vector_width()); }
+
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr,
+  static PyMethodDef methods[] = {
+      {"simd_width", simd_width, METH_NOARGS,
+       "Floats per vector of the kernel variant this CPU runs: 16 (AVX-512), 8 (AVX2+FMA), 4 (baseline)."},
+      {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods, nullptr, nullptr,
                                    nullptr, nullptr};
   return PyModule_Create(&def);
 }
