@@ -1192,13 +1192,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_selec
 }  // namespace pgs
 
 // Must stay identical to pgs_kernels.op.SCHEMA (tests/test_native.py compares).
-TORCH_LIBRARY(pgs_kernels, m) {
-  m.def(
-      "pgs_select(Tensor images, Tensor? tokens, Tensor noise, int patch_size, int num_keep, "
-      "int num_candidates, float sim_threshold, float token_weight, float edge_weight, "
-      "bool use_ot, float ot_reg, int ot_iters) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
-
+// The schema is defined once, in Python (pgs_kernels/op.py), before this
+// module is imported; here only the CPU kernel is registered for it.
 TORCH_LIBRARY_IMPL(pgs_kernels, CPU, m) { m.impl("pgs_select", &pgs::pgs_select_cpu); }
 
 // The operator lives in the dispatcher; importing the Python module runs the

@@ -1,9 +1,8 @@
 """The ``pgs_kernels::pgs_select`` operator: one schema, a kernel per device.
 
 * CPU: the native C++ kernel from ``csrc/`` (extension ``pgs_kernels._C``),
-  which defines the schema itself with ``TORCH_LIBRARY``; where the extension
-  was not built, the schema is defined here and the CPU kernel is the
-  reference in fp32 (one warning says so).
+  which registers itself for the schema defined here; where the extension
+  was not built, the CPU kernel is the reference in fp32 (one warning says so).
 * CUDA: the fused Triton kernel (``pgs_kernels.triton_pgs``), where Triton
   imports.
 * Meta / fake: :func:`_fake`, shared by both, so ``torch.compile`` traces the
@@ -22,13 +21,17 @@ import warnings
 
 import torch
 
-#: Keep in step with ``csrc/pgs_cpu.cpp``; tests/test_op.py checks they agree.
+#: The operator's one schema; the C++ extension only registers a kernel for it.
 SCHEMA = (
     "pgs_select(Tensor images, Tensor? tokens, Tensor noise, int patch_size, int num_keep, "
     "int num_candidates, float sim_threshold, float token_weight, float edge_weight, "
     "bool use_ot, float ot_reg, int ot_iters) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 OP_NAME = "pgs_kernels::pgs_select"
+
+# Defined before the extension loads: its TORCH_LIBRARY_IMPL attaches to this.
+_lib = torch.library.Library("pgs_kernels", "DEF")
+_lib.define(SCHEMA)
 
 try:  # the native build defines the schema and the CPU kernel
     _C = importlib.import_module("pgs_kernels._C")
@@ -49,7 +52,6 @@ except ImportError as exc:
     TRITON_AVAILABLE = False
     TRITON_ERROR = exc
 
-_lib = None
 if not NATIVE_AVAILABLE:
     warnings.warn(
         f"pgs_kernels: the native CPU kernel is not built ({NATIVE_ERROR}); CPU tensors use the "
@@ -57,8 +59,6 @@ if not NATIVE_AVAILABLE:
         RuntimeWarning,
         stacklevel=2,
     )
-    _lib = torch.library.Library("pgs_kernels", "DEF")
-    _lib.define(SCHEMA)
 
 
 def _reference_kernel(images, tokens, noise, patch_size, num_keep, num_candidates, sim_threshold,
@@ -72,7 +72,7 @@ def _reference_kernel(images, tokens, noise, patch_size, num_keep, num_candidate
     return keep_idx, mask, edge.float(), cand, r.float()
 
 
-if _lib is not None:
+if not NATIVE_AVAILABLE:
     _lib.impl("pgs_select", _reference_kernel, "CPU")
 
 if TRITON_AVAILABLE:
