@@ -222,12 +222,7 @@ def make_impls(device: torch.device, names: Optional[List[str]], compile_ok: boo
 def resolve_auto(device: torch.device) -> str:
     import pgs_kernels
 
-    usable = pgs_kernels.available_backends(device)
-    if device.type == "cuda" and "triton" in usable:
-        return "triton"
-    if device.type == "cpu" and "native" in usable:
-        return "native"
-    return "reference"
+    return pgs_kernels.resolve_backend("auto", device).name
 
 
 # ----------------------------------------------------------------------------- sweep

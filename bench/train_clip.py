@@ -261,12 +261,9 @@ def summarize(log: dict, device: torch.device) -> dict:
 
 def pgs_backend(device: torch.device) -> str:
     """Which kernel ``backend="auto"`` runs on ``device``."""
-    try:
-        from pgs_kernels.api import _resolve_backend
+    from pgs_kernels import resolve_backend
 
-        return _resolve_backend("auto", device)
-    except Exception as exc:  # informational only
-        return f"unknown ({exc})"
+    return resolve_backend("auto", device).name
 
 
 def main(argv=None):

@@ -7,9 +7,9 @@
 torch.Size([8, 98])
 """
 
-from python_ref.selection import PGSSelection, pgs_counts
-
-from .api import BACKENDS, available_backends, pgs_select
+from .api import pgs_select
+from .backends import BACKENDS, available_backends, resolve_backend
+from .contract import PGSSelection, pgs_counts
 from .dropout import PGSPatchDropout
 from .op import NATIVE_AVAILABLE, SCHEMA, TRITON_AVAILABLE
 
@@ -20,6 +20,7 @@ __all__ = [
     "PGSSelection",
     "PGSPatchDropout",
     "available_backends",
+    "resolve_backend",
     "pgs_counts",
     "BACKENDS",
     "NATIVE_AVAILABLE",

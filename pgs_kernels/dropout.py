@@ -2,54 +2,112 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from .api import pgs_select
+from .backends import check_backend_name
+from .contract import check_params
 
 __all__ = ["PGSPatchDropout"]
 
+# The pgs_select arguments the layer forwards; tokens, noise and scores are its own business.
+_PGS_KWARGS = ("candidate_ratio", "sim_threshold", "edge_weight", "use_ot", "ot_reg", "ot_iters", "validate")
+
 
 class PGSPatchDropout(nn.Module):
-    """Drop the patch tokens PGS selects, keep CLS first and the rest in order.
+    r"""Drop the patch tokens PGS selects, keep CLS first and the rest in order.
 
     Place it after the positional embedding. In training mode, given ``x``
-    ``(B, 1 + L, D)`` (CLS first) and the ``images`` ``(B, C, H, W)`` it came
-    from, it returns ``(B, 1 + K, D)``: ``x[:, :1]`` then ``x[:, 1:]`` gathered at
-    ``pgs_select(images, x[:, 1:].detach(), ...).keep_idx``. Gradients flow to
-    the kept tokens (a gather); the selection itself is not differentiated. In
-    eval mode, or with ``mask_ratio = 0``, it is the identity.
+    ``(B, 1 + L, D)`` (CLS first, then the ``L = (H/P)(W/P)`` patch tokens in
+    row-major order) and the ``images`` ``(B, C, H, W)`` it came from, it
+    returns ``(B, 1 + K, D)``: ``x[:, :1]`` then ``x[:, 1:]`` gathered at
+    ``pgs_select(images, x[:, 1:].detach(), ...).keep_idx``, with
+    ``K = max(1, int(L (1 - mask_ratio)))``. Gradients flow to the kept
+    tokens (a gather); the selection itself is not differentiated. In eval
+    mode, or with ``mask_ratio = 0``, it is the identity.
 
-    ``token_weight`` is a plain attribute so a training loop can follow the
-    published schedule ``α = epoch / epochs`` with :meth:`set_epoch`.
-    The remaining keyword arguments are those of :func:`pgs_kernels.pgs_select`.
+    The token similarity weight ``α = token_weight`` follows the published
+    schedule ``α = epoch / epochs`` with :meth:`set_epoch`; it is saved in
+    ``state_dict()`` (buffer ``token_weight_state``), so a resumed run resumes
+    the schedule. The remaining keyword arguments are those of
+    :func:`pgs_kernels.pgs_select` (``candidate_ratio``, ``sim_threshold``,
+    ``edge_weight``, ``use_ot``, ``ot_reg``, ``ot_iters``, ``validate``),
+    checked here, in the constructor.
     """
 
     def __init__(self, mask_ratio: float = 0.5, patch_size: int = 16, token_weight: float = 0.0,
                  backend: str = "auto", **pgs_kwargs):
         super().__init__()
-        if "tokens" in pgs_kwargs or "noise" in pgs_kwargs or "return_scores" in pgs_kwargs:
-            raise TypeError("PGSPatchDropout takes no tokens/noise/return_scores; pass them to pgs_select")
-        self.mask_ratio = float(mask_ratio)
-        self.patch_size = int(patch_size)
-        self.token_weight = float(token_weight)
-        self.backend = backend
-        self.pgs_kwargs = pgs_kwargs
+        for name in pgs_kwargs:
+            if name in ("tokens", "noise", "return_scores", "images", "generator"):
+                raise TypeError(f"PGSPatchDropout takes no {name}: the layer passes its own to pgs_select")
+            if name not in _PGS_KWARGS:
+                raise TypeError(f"PGSPatchDropout got an unexpected keyword argument {name!r} "
+                                f"(pgs_select options it takes: {', '.join(_PGS_KWARGS)})")
+        p = check_params(mask_ratio=mask_ratio, patch_size=patch_size, token_weight=token_weight, **pgs_kwargs)
+        self.mask_ratio = p["mask_ratio"]
+        self.patch_size = p["patch_size"]
+        self.backend = check_backend_name(backend)
+        self.pgs_kwargs = {name: p[name] for name in pgs_kwargs}
+        # A float for the hot path (reading a tensor would sync with the GPU)
+        # and a buffer, so that the schedule is saved with the model.
+        self._token_weight = p["token_weight"]
+        self.register_buffer("token_weight_state", torch.tensor(self._token_weight, dtype=torch.float64))
         self.last_selection = None  # the most recent PGSSelection, for logging
 
+    @property
+    def token_weight(self) -> float:
+        return self._token_weight
+
+    @token_weight.setter
+    def token_weight(self, value: float) -> None:
+        self._token_weight = check_params(token_weight=value)["token_weight"]
+        self.token_weight_state.fill_(self._token_weight)
+
     def set_epoch(self, epoch: float, epochs: float) -> None:
-        """The published schedule: ``token_weight = epoch / epochs`` (clamped to [0, 1])."""
+        """The published schedule: ``token_weight = epoch / epochs``, clamped to ``[0, 1]``."""
+        for name, v in (("epoch", epoch), ("epochs", epochs)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {epochs}")
         self.token_weight = min(1.0, max(0.0, float(epoch) / float(epochs)))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "token_weight_state" in state_dict:  # loading is not the hot path: a sync is fine
+            self._token_weight = float(self.token_weight_state)
 
     def extra_repr(self) -> str:
         return (f"mask_ratio={self.mask_ratio}, patch_size={self.patch_size}, "
                 f"token_weight={self.token_weight}, backend={self.backend!r}")
 
-    def forward(self, x: Tensor, images: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    def _check_inputs(self, x, images) -> None:
         if not isinstance(x, Tensor) or x.dim() != 3:
             raise ValueError(f"x must be a (B, 1 + L, D) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+        if not isinstance(images, Tensor) or images.dim() != 4:
+            raise ValueError(
+                f"images must be a (B, C, H, W) tensor, got {getattr(images, 'shape', type(images).__name__)}")
+        B, _, H, W = images.shape
+        if images.shape[0] != x.shape[0]:
+            raise ValueError(f"images must hold the batch of x: x has B={x.shape[0]}, images has B={B}")
+        P = self.patch_size
+        if H % P or W % P:
+            raise ValueError(f"images: H={H}, W={W} is not divisible by patch_size={P}")
+        L = (H // P) * (W // P)
+        if x.shape[1] != 1 + L:
+            hint = " (no CLS token?)" if x.shape[1] == L else ""
+            raise ValueError(
+                f"x must hold CLS then the L={L} patch tokens of {H}x{W} images at patch_size={P}, i.e. "
+                f"1 + L = {1 + L} tokens, got {x.shape[1]}{hint}; is patch_size the ViT's patch size?")
+
+    def forward(self, x: Tensor, images: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        self._check_inputs(x, images)
         if not self.training or self.mask_ratio == 0.0:
             return x
         patches = x[:, 1:]

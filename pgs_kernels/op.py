@@ -11,7 +11,10 @@
 The operator takes host-side counts (``num_keep = K``, ``num_candidates =
 k``) rather than ratios: output shapes are then plain functions of the
 arguments and nothing on the path reads device memory, which is what a CUDA
-graph capture needs.
+graph capture needs. Every kernel checks its arguments
+(:func:`pgs_kernels.contract.check_op_args`, or the same checks in C++), so
+the raw operator rejects what ``pgs_select`` rejects, wherever that needs no
+host sync.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import importlib
 import warnings
 
 import torch
+
+from .contract import check_op_args
 
 #: The operator's one schema; the C++ extension only registers a kernel for it.
 SCHEMA = (
@@ -33,12 +38,13 @@ OP_NAME = "pgs_kernels::pgs_select"
 _lib = torch.library.Library("pgs_kernels", "DEF")
 _lib.define(SCHEMA)
 
-try:  # the native build defines the schema and the CPU kernel
+try:  # the native build registers the CPU kernel
     _C = importlib.import_module("pgs_kernels._C")
 
     NATIVE_AVAILABLE = True
     NATIVE_ERROR = None
 except ImportError as exc:  # no compiler at install time, or a broken build
+    _C = None
     NATIVE_AVAILABLE = False
     NATIVE_ERROR = exc
 
@@ -52,6 +58,23 @@ except ImportError as exc:
     TRITON_AVAILABLE = False
     TRITON_ERROR = exc
 
+
+def reference_kernel(*args):
+    """The operator's CPU kernel where the native one is not built: the
+    reference in fp32, with scores in fp32 as the kernels give them."""
+    from python_ref.pgs import pgs_select_core  # loaded only when this kernel runs
+
+    check_op_args(*args)
+    keep_idx, mask, edge, cand, r = pgs_select_core(*args, torch.float32)
+    return keep_idx, mask, edge.float(), cand, r.float()
+
+
+def triton_kernel(*args):
+    """The operator's CUDA kernel (and, called directly, the interpreter's)."""
+    check_op_args(*args)
+    return pgs_select_triton(*args)
+
+
 if not NATIVE_AVAILABLE:
     warnings.warn(
         f"pgs_kernels: the native CPU kernel is not built ({NATIVE_ERROR}); CPU tensors use the "
@@ -59,29 +82,19 @@ if not NATIVE_AVAILABLE:
         RuntimeWarning,
         stacklevel=2,
     )
-
-
-def _reference_kernel(images, tokens, noise, patch_size, num_keep, num_candidates, sim_threshold,
-                      token_weight, edge_weight, use_ot, ot_reg, ot_iters):
-    from python_ref.pgs import pgs_select_core
-
-    keep_idx, mask, edge, cand, r = pgs_select_core(
-        images, tokens, noise, patch_size, num_keep, num_candidates, sim_threshold, token_weight,
-        edge_weight, use_ot, ot_reg, ot_iters, torch.float32,
-    )
-    return keep_idx, mask, edge.float(), cand, r.float()
-
-
-if not NATIVE_AVAILABLE:
-    _lib.impl("pgs_select", _reference_kernel, "CPU")
+    _lib.impl("pgs_select", reference_kernel, "CPU")
 
 if TRITON_AVAILABLE:
-    torch.library.register_kernel(OP_NAME, "cuda", pgs_select_triton)
+    torch.library.register_kernel(OP_NAME, "cuda", triton_kernel)
 
 
 @torch.library.register_fake(OP_NAME)
 def _fake(images, tokens, noise, patch_size, num_keep, num_candidates, sim_threshold,
           token_weight, edge_weight, use_ot, ot_reg, ot_iters):
+    # A call with tensors on mixed devices lands here (the Meta key wins), so
+    # the checks are what stand between it and uninitialised outputs.
+    check_op_args(images, tokens, noise, patch_size, num_keep, num_candidates, sim_threshold,
+                  token_weight, edge_weight, use_ot, ot_reg, ot_iters)
     B, _, H, W = images.shape
     L = (H // patch_size) * (W // patch_size)
     i64, f32 = torch.int64, torch.float32

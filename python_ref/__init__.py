@@ -1,6 +1,10 @@
 """Pure-PyTorch reference of PGS selection (the oracle of every test) and the
 baselines it is measured against: the published algorithm and random masking.
 
+It shares the contract (result type, counts, checks, noise) with the package,
+from ``pgs_kernels.contract``; the package loads it only when the reference
+backend runs.
+
 >>> from python_ref import pgs_select, published_pgs, random_masking
 """
 
@@ -17,14 +21,8 @@ from .pgs import (
     sinkhorn_plan,
 )
 from .published import published_pgs, random_masking, sinkhorn_knopp_division
-from .selection import IMAGE_DTYPES, PGSSelection, check_pgs_args, draw_noise, pgs_counts
 
 __all__ = [
-    "PGSSelection",
-    "pgs_counts",
-    "check_pgs_args",
-    "draw_noise",
-    "IMAGE_DTYPES",
     "pgs_select",
     "pgs_select_core",
     "published_pgs",

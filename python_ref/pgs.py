@@ -1,4 +1,4 @@
-r"""The pure-PyTorch reference of PGS selection (``../shared/SPEC.md``).
+r"""The pure-PyTorch reference of PGS selection (docs/algorithm.md).
 
 Each of the five steps is one small function whose docstring carries the
 formula with the symbols the code uses, so that a reader can check the code
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .selection import PGSSelection, check_pgs_args, draw_noise, pgs_counts
+from pgs_kernels.contract import PGSSelection, prepare_call
 
 __all__ = [
     "pgs_select",
@@ -144,6 +144,10 @@ def candidate_similarity(
     S = None
     if alpha < 1:
         x = patchify(images.to(dtype), patch_size)
+        # x - mean(x) of a constant patch is not exactly zero in floating point,
+        # and normalizing would blow the residue up to a unit vector. Shifting by
+        # one of the patch's own values first makes a constant patch exactly zero.
+        x = x - x[:, :, :1]
         x = x - x.mean(dim=2, keepdim=True)
         p = x / (torch.linalg.vector_norm(x, dim=2, keepdim=True) + EPS)
         S = (1 - alpha) * cosine_to_candidates(p)
@@ -248,19 +252,13 @@ def pgs_select(
     """
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    B, C, H, W, gh, gw, L = check_pgs_args(
-        images, tokens, noise,
+    call = prepare_call(
+        images, tokens, noise, generator, allow_float64=True,
         patch_size=patch_size, mask_ratio=mask_ratio, candidate_ratio=candidate_ratio,
         sim_threshold=sim_threshold, token_weight=token_weight, edge_weight=edge_weight,
-        ot_reg=ot_reg, ot_iters=ot_iters, validate=validate, allow_float64=True,
+        use_ot=use_ot, ot_reg=ot_reg, ot_iters=ot_iters, validate=validate,
     )
-    K, M, k = pgs_counts(L, mask_ratio, candidate_ratio)
-    if noise is None:
-        noise = draw_noise(B, L, images.device, generator)
-    keep_idx, mask, edge, cand, r = pgs_select_core(
-        images, tokens, noise, int(patch_size), K, k, float(sim_threshold), float(token_weight),
-        float(edge_weight), bool(use_ot), float(ot_reg), int(ot_iters), dtype,
-    )
+    keep_idx, mask, edge, cand, r = pgs_select_core(*call, dtype)
     if not return_scores:
         return PGSSelection(keep_idx, mask)
     return PGSSelection(keep_idx, mask, edge, cand, r)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .pgs import patchify
-from .selection import PGSSelection, check_pgs_args, draw_noise, pgs_counts
+from pgs_kernels.contract import PGSSelection, pgs_counts, prepare_call
 
 __all__ = ["published_pgs", "random_masking", "sinkhorn_knopp_division"]
 
@@ -97,16 +97,16 @@ def published_pgs(
     ``attn_mask`` ``(B, 1 + K', 1 + K')`` with ``-1e12`` where either token is
     a similar patch and 0 elsewhere (CLS is never similar).
     """
-    B, C, H, W, gh, gw, L = check_pgs_args(
-        images, tokens, noise,
+    call = prepare_call(
+        images, tokens, noise, generator, allow_float64=True,
         patch_size=patch_size, mask_ratio=mask_ratio, candidate_ratio=candidate_ratio,
-        sim_threshold=sim_threshold, token_weight=token_weight, edge_weight=0.0,
-        ot_reg=1.0, ot_iters=1, allow_float64=True,
+        sim_threshold=sim_threshold, token_weight=token_weight,
     )
-    K, _, k = pgs_counts(L, mask_ratio, candidate_ratio)
+    noise, P, K, k = call.noise, call.patch_size, call.num_keep, call.num_candidates
+    B, _, H, W = images.shape
+    gh, gw = H // P, W // P
+    L = gh * gw
     dev = images.device
-    if noise is None:
-        noise = draw_noise(B, L, dev, generator)
     dt = torch.float32 if images.dtype != torch.float64 else torch.float64
 
     v = patchify(images.to(dt), patch_size)
@@ -176,15 +176,11 @@ def random_masking(
     ``noise``. ``images`` only give the shape and device; ``tokens`` are
     accepted for a uniform call signature and ignored.
     """
-    B, C, H, W, gh, gw, L = check_pgs_args(
-        images, tokens, noise,
-        patch_size=patch_size, mask_ratio=mask_ratio, candidate_ratio=0.0,
-        sim_threshold=0.0, token_weight=0.0, edge_weight=0.0,
-        ot_reg=1.0, ot_iters=1, allow_float64=True,
-    )
-    K, M, _ = pgs_counts(L, mask_ratio, 0.0)
-    if noise is None:
-        noise = draw_noise(B, L, images.device, generator)
+    call = prepare_call(images, tokens, noise, generator, allow_float64=True, patch_size=patch_size,
+                        mask_ratio=mask_ratio, candidate_ratio=0.0, edge_weight=0.0)
+    noise, K = call.noise, call.num_keep
+    B, L = noise.shape
+    M = L - K
     order = torch.sort(noise, dim=1, stable=True).indices
     mask = torch.zeros(B, L, dtype=torch.bool, device=images.device)
     mask.scatter_(1, order[:, :M], True)

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import pgs_kernels
 import python_ref as R
+from pgs_kernels import pgs_counts
 from conftest import DEVICE, assert_valid_selection
 
 BACKENDS = pgs_kernels.available_backends(DEVICE)
@@ -45,7 +46,7 @@ def test_invariants_hold(B, C, P, gh, gw, mask_ratio, candidate_ratio, sim_thres
         x[0] = 0.25
     L = gh * gw
     t = torch.randn(B, L, 4, generator=g) if token_weight > 0 else None
-    K, M, k = R.pgs_counts(L, mask_ratio, candidate_ratio)
+    K, M, k = pgs_counts(L, mask_ratio, candidate_ratio)
     sel = pgs_kernels.pgs_select(
         x.to(DEVICE), None if t is None else t.to(DEVICE), patch_size=P, mask_ratio=mask_ratio,
         candidate_ratio=candidate_ratio, sim_threshold=sim_threshold, token_weight=token_weight,
@@ -62,6 +63,6 @@ def test_invariants_hold(B, C, P, gh, gw, mask_ratio, candidate_ratio, sim_thres
 @settings(max_examples=40, deadline=None)
 @given(L=st.integers(1, 2048), mask_ratio=st.floats(0.0, 0.999), candidate_ratio=st.floats(0.0, 1.0))
 def test_counts_in_range(L, mask_ratio, candidate_ratio):
-    K, M, k = R.pgs_counts(L, mask_ratio, candidate_ratio)
+    K, M, k = pgs_counts(L, mask_ratio, candidate_ratio)
     assert 1 <= K <= L and K + M == L and 0 <= k <= L
     assert K == max(1, int(L * (1 - mask_ratio)))

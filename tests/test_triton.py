@@ -19,7 +19,7 @@ import pgs_kernels
 import python_ref
 from conftest import DEVICE, assert_valid_selection, stable_rows
 from pgs_kernels import triton_pgs
-from python_ref.selection import pgs_counts
+from pgs_kernels import pgs_counts
 
 pytestmark = pytest.mark.skipif(
     "triton" not in pgs_kernels.available_backends(DEVICE),
