@@ -73,3 +73,76 @@ def test_bad_arguments():
         PGSPatchDropout(patch_size=16).train()(x, images[:, :, :30])  # 30 % 16 != 0
     with pytest.raises(TypeError, match="noise"):
         PGSPatchDropout(noise=torch.rand(3, 16))
+
+
+# --- the layer cannot silently go wrong: every mismatch is an error naming its argument
+
+
+def test_wrong_patch_size_for_the_vit_names_x():
+    # A ViT with patch 14 on 224² images has 1 + 256 tokens; patch_size=16 would mean 196.
+    layer = PGSPatchDropout(patch_size=16).train()
+    x = torch.randn(2, 257, 8)
+    images = torch.randn(2, 3, 224, 224)
+    with pytest.raises(ValueError, match=r"x must hold CLS then the L=196 patch tokens.*got 257"):
+        layer(x, images)
+    layer.set_epoch(1, 32)  # with token similarity on, the error is still about x
+    with pytest.raises(ValueError, match=r"^x must hold"):
+        layer(x, images)
+
+
+def test_missing_cls_names_x():
+    images, x = _inputs()
+    with pytest.raises(ValueError, match=r"x must hold CLS.*no CLS token"):
+        PGSPatchDropout(patch_size=8).train()(x[:, 1:], images)
+
+
+def test_batch_mismatch_names_images():
+    images, x = _inputs()
+    with pytest.raises(ValueError, match=r"images must hold the batch of x"):
+        PGSPatchDropout(patch_size=8).train()(x, images[:2])
+
+
+def test_mismatches_are_caught_in_eval_mode_too():
+    images, x = _inputs()
+    with pytest.raises(ValueError, match="x must hold"):
+        PGSPatchDropout(patch_size=16).eval()(x, images)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(mask_ratio=1.5), ValueError, "mask_ratio"),
+        (dict(mask_ratio="half"), TypeError, "mask_ratio"),
+        (dict(patch_size=0), ValueError, "patch_size"),
+        (dict(token_weight=2.0), ValueError, "token_weight"),
+        (dict(backend="gpu"), ValueError, "backend"),
+        (dict(foo=1), TypeError, "foo"),
+        (dict(tokens=None), TypeError, "tokens"),
+        (dict(candidate_ratio=-0.5), ValueError, "candidate_ratio"),
+        (dict(ot_reg=1e-9), ValueError, "ot_reg"),
+        (dict(use_ot=1), TypeError, "use_ot"),
+    ],
+)
+def test_constructor_checks_its_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        PGSPatchDropout(**kwargs)
+
+
+@pytest.mark.parametrize("epoch,epochs,match", [(3, 0, "epochs"), (3, -2, "epochs"), (float("nan"), 32, "epoch"),
+                                                (1, float("inf"), "epochs"), ("1", 32, "epoch")])
+def test_set_epoch_rejects_what_has_no_schedule(epoch, epochs, match):
+    with pytest.raises(ValueError, match=match):
+        PGSPatchDropout().set_epoch(epoch, epochs)
+
+
+def test_schedule_is_saved_and_restored_with_the_model():
+    a = torch.nn.Sequential(PGSPatchDropout(patch_size=8))
+    a[0].set_epoch(12, 32)
+    state = a.state_dict()
+    assert float(state["0.token_weight_state"]) == 12 / 32
+    b = torch.nn.Sequential(PGSPatchDropout(patch_size=8))
+    b.load_state_dict(state)
+    assert b[0].token_weight == 12 / 32
+    images, x = _inputs()
+    b[0].train()(x, images)
+    assert b[0].last_selection is not None
