@@ -12,6 +12,11 @@ if not torch.cuda.is_available():
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+import pgs_kernels  # noqa: E402
+import python_ref  # noqa: E402
+from pgs_kernels import pgs_counts  # noqa: E402
+from python_ref.compare import compare_with_reference, decided_rows, selection_errors  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "camera")
@@ -36,51 +41,64 @@ def photos() -> torch.Tensor:
     return torch.stack([load_photo(n) for n in PHOTO_NAMES])
 
 
+def smooth_images(B, C, H, W, seed, dtype=torch.float32):
+    """Random images with structure at several scales, so that patches are
+    neither all alike nor all unrelated (and the r > θ tier is populated)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(B, C, H, W)
+    for cells in (2, 4, 8):
+        lo = torch.randn(B, C, cells, cells, generator=g)
+        x += torch.nn.functional.interpolate(lo, size=(H, W), mode="bilinear", align_corners=False)
+    x += 0.3 * torch.randn(B, C, H, W, generator=g)
+    return x.to(dtype)
+
+
+def patch_tokens(images, P, D, seed, dtype=torch.float32):
+    """Tokens that are a fixed random projection of the patch pixels (like a
+    patch embedding) plus noise, on ``images``' device."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    x = python_ref.patchify(images.float().cpu(), P)
+    proj = torch.randn(x.shape[2], D, generator=g) / x.shape[2] ** 0.5
+    t = x @ proj + 0.5 * torch.randn(x.shape[0], x.shape[1], D, generator=g)
+    return t.to(dtype).to(images.device)
+
+
 def assert_valid_selection(sel, B: int, L: int, K: int):
     """The invariants every output must meet, NaN inputs included."""
-    keep, mask = sel.keep_idx, sel.mask
-    assert keep.dtype == torch.int64 and tuple(keep.shape) == (B, K)
-    assert mask.dtype == torch.bool and tuple(mask.shape) == (B, L)
-    if B == 0:
-        return
-    keep_c, mask_c = keep.cpu(), mask.cpu()
-    assert (keep_c >= 0).all() and (keep_c < L).all()
-    if K > 1:
-        assert (keep_c[:, 1:] > keep_c[:, :-1]).all(), "keep_idx must be strictly ascending (distinct)"
-    expect = torch.ones(B, L, dtype=torch.bool)
-    expect.scatter_(1, keep_c, False)
-    assert torch.equal(mask_c, expect), "mask must be the complement of keep_idx"
-    assert (mask_c.sum(1) == L - K).all()
-
-
-def _gap_at(values: torch.Tensor, n: int) -> torch.Tensor:
-    """Per row, the gap between the n-th and (n+1)-th smallest value."""
-    B, L = values.shape
-    if n <= 0 or n >= L:
-        return torch.full((B,), float("inf"), dtype=torch.float64)
-    s = torch.sort(values, dim=1).values
-    return s[:, n] - s[:, n - 1]
+    errors = selection_errors(sel, B, L, K)
+    assert not errors, "; ".join(errors)
 
 
 def stable_rows(ref, noise, edge_weight: float, K: int, sim_threshold: float, tol: float = 1e-4):
-    """Rows of a batch where a selection is decided by more than ``tol``.
+    """Rows of a batch whose selection is decided by more than ``tol``
+    (:func:`python_ref.compare.decided_rows`)."""
+    return decided_rows(ref, noise, edge_weight, K, sim_threshold, tol)
 
-    ``ref`` is a reference PGSSelection with scores (fp64), ``noise`` the noise
-    both backends used. A row is stable when no candidate-cut, threshold or
-    drop-cut decision lies within ``tol`` of flipping; on those rows every
-    backend must give exactly the reference's selection, on the others only
-    the invariants are asserted.
-    """
-    edge = ref.edge.double().cpu()
-    key = noise.double().cpu() + (edge_weight * edge if edge_weight else 0.0)
-    key = torch.nan_to_num(key, nan=1e5, posinf=1e5)
-    B, L = key.shape
-    k = ref.candidates.shape[1]
-    ok = _gap_at(key, k) > tol
-    r = ref.redundancy.double().cpu()
-    ok &= ~((r - sim_threshold).abs() <= tol).any(dim=1)
-    tier = torch.full((B, L), 2.0, dtype=torch.float64)
-    tier[r > sim_threshold] = 1.0
-    tier.scatter_(1, ref.candidates.cpu(), 0.0)
-    ok &= _gap_at(tier * 1e6 + key, L - K) > tol
-    return ok
+
+def assert_matches_reference(backend, images, tokens=None, noise=None, *, min_decided=0.5, tol=1e-4, **kw):
+    """Run ``backend`` and the fp64 reference on the same inputs and hold the
+    backend to the contract (python_ref/compare.py): invariants, ``edge`` and
+    ``redundancy`` within ``tol``, candidates and selections equal on every
+    decided row, and at least ``min_decided`` of the rows decided, so that the
+    exact comparison is never vacuous. Returns the backend's selection."""
+    B, _, H, W = images.shape
+    P = kw.get("patch_size", 16)
+    L = (H // P) * (W // P)
+    K, _, k = pgs_counts(L, kw.get("mask_ratio", 0.5), kw.get("candidate_ratio", 0.05))
+    if noise is None:
+        noise = torch.rand(B, L, generator=torch.Generator().manual_seed(B * 1000 + L)).to(images.device)
+    tw = kw.get("token_weight", 0.0)
+    got = pgs_kernels.pgs_select(images, tokens, noise=noise, backend=backend, return_scores=True, **kw)
+    assert got.edge.dtype == torch.float32 and got.redundancy.dtype == torch.float32
+    assert tuple(got.candidates.shape) == (B, k) and got.candidates.dtype == torch.int64
+    # The backend reads low-precision inputs as they are: the reference sees the same values.
+    ref_tokens = tokens.double() if (tokens is not None and tw > 0) else None
+    ref = python_ref.pgs_select(images.double(), ref_tokens, noise=noise, return_scores=True, **kw)
+    res = compare_with_reference(got, ref, noise, edge_weight=kw.get("edge_weight", 1.0), num_keep=K,
+                                 sim_threshold=kw.get("sim_threshold", 0.5), tol=tol)
+    assert not res.problems, f"{backend}: " + "; ".join(res.problems)
+    if k == 0:
+        assert torch.isneginf(got.redundancy).all()
+    share = res.decided.float().mean().item() if B else 1.0
+    assert share >= min_decided, f"only {int(res.decided.sum())}/{B} rows decided: the comparison says little"
+    return got

@@ -1,0 +1,126 @@
+r"""How a backend's answer is compared with the reference's.
+
+A backend computes in fp32, the oracle in fp64, so continuous outputs agree
+within a tolerance ``tol`` (``ê`` and ``r`` within ``1e-4``), and a selection
+can only be compared exactly where no decision lies within ``tol`` of
+flipping. A row is *decided* when
+
+* the ``k``-th and ``(k+1)``-th smallest keys are more than ``tol`` apart
+  (the candidate cut),
+* no redundancy lies within ``tol`` of ``θ`` (the tier-1 threshold), and
+* the ``M``-th and ``(M+1)``-th patches of the drop order
+  ``(tier_j, key_j, j)`` differ by more than ``tol`` in key or differ in tier
+  (the drop cut).
+
+On decided rows the candidates, ``keep_idx`` and ``mask`` must be equal; on
+the others (near-ties) only the invariants are owed. The invariants hold for
+every input, NaN and Inf included: ``keep_idx`` is ``(B, K)`` int64 with
+``K`` distinct ascending indices in ``[0, L)`` and ``mask`` is its complement.
+
+Used by the tests (``tests/conftest.py``) and the fuzzer (``bench/fuzz.py``).
+"""
+
+from __future__ import annotations
+
+from typing import List, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["selection_errors", "decided_rows", "Comparison", "compare_with_reference"]
+
+
+def selection_errors(sel, B: int, L: int, K: int) -> List[str]:
+    """The invariants ``sel`` breaks (an empty list when it meets them all)."""
+    keep, mask = sel.keep_idx, sel.mask
+    errs = []
+    if keep.dtype != torch.int64 or tuple(keep.shape) != (B, K):
+        errs.append(f"keep_idx is {keep.dtype} {tuple(keep.shape)}, expected int64 ({B}, {K})")
+    if mask.dtype != torch.bool or tuple(mask.shape) != (B, L):
+        errs.append(f"mask is {mask.dtype} {tuple(mask.shape)}, expected bool ({B}, {L})")
+    if errs or B == 0:
+        return errs
+    keep, mask = keep.cpu(), mask.cpu()
+    if not ((keep >= 0) & (keep < L)).all():
+        errs.append("keep_idx holds indices outside [0, L)")
+        return errs
+    if K > 1 and not (keep[:, 1:] > keep[:, :-1]).all():
+        errs.append("keep_idx is not strictly ascending (sorted, distinct)")
+    expect = torch.ones(B, L, dtype=torch.bool)
+    expect.scatter_(1, keep, False)
+    if not torch.equal(mask, expect):
+        errs.append("mask is not the complement of keep_idx")
+    return errs
+
+
+def _gap_at(values: Tensor, n: int) -> Tensor:
+    """Per row, the gap between the n-th and (n+1)-th smallest value."""
+    B, L = values.shape
+    if n <= 0 or n >= L:
+        return torch.full((B,), float("inf"), dtype=torch.float64)
+    s = torch.sort(values, dim=1).values
+    return s[:, n] - s[:, n - 1]
+
+
+def decided_rows(ref, noise: Tensor, edge_weight: float, num_keep: int, sim_threshold: float,
+                 tol: float = 1e-4) -> Tensor:
+    """``(B,)`` bool: the rows of ``ref`` (a reference selection with scores)
+    whose selection is decided by more than ``tol`` (module docstring)."""
+    edge = ref.edge.double().cpu()
+    key = noise.double().cpu() + (edge_weight * edge if edge_weight else 0.0)
+    key = torch.nan_to_num(key, nan=1e5, posinf=1e5)
+    B, L = key.shape
+    k = ref.candidates.shape[1]
+    ok = _gap_at(key, k) > tol
+    r = ref.redundancy.double().cpu()
+    ok &= ~((r - sim_threshold).abs() <= tol).any(dim=1)
+    tier = torch.full((B, L), 2.0, dtype=torch.float64)
+    tier[r > sim_threshold] = 1.0
+    tier.scatter_(1, ref.candidates.cpu(), 0.0)
+    ok &= _gap_at(tier * 1e6 + key, L - num_keep) > tol
+    return ok
+
+
+class Comparison(NamedTuple):
+    """What :func:`compare_with_reference` found; ``problems`` lists every
+    breach of the contract (empty: the backend agrees)."""
+
+    problems: List[str]
+    decided: Tensor  # (B,) bool, rows compared exactly
+    near_tie_rows: int  # undecided rows whose selection differs (allowed)
+    edge_err: float  # max |ê - ê_ref| over finite entries
+    redundancy_err: float  # max |r - r_ref| over rows with the same candidates
+
+
+def compare_with_reference(got, ref, noise: Tensor, *, edge_weight: float, num_keep: int, sim_threshold: float,
+                           tol: float = 1e-4) -> Comparison:
+    """Compare a backend's selection ``got`` with the reference's ``ref``
+    (both with scores, from the same ``noise``), as the module docstring says."""
+    B, L = ref.mask.shape
+    problems = [f"invariant: {e}" for e in selection_errors(got, B, L, num_keep)]
+    if problems:
+        return Comparison(problems, torch.zeros(B, dtype=torch.bool), 0, float("nan"), float("nan"))
+    e_got, e_ref = got.edge.double().cpu(), ref.edge.double().cpu()
+    both = torch.isfinite(e_got) & torch.isfinite(e_ref)
+    if not torch.equal(torch.isfinite(e_got), torch.isfinite(e_ref)):
+        problems.append("edge: finite in one backend, not in the other")
+    edge_err = float((e_got - e_ref)[both].abs().max()) if both.any() else 0.0
+    if edge_err > tol:
+        problems.append(f"edge: max error {edge_err:.3g} > {tol:g}")
+
+    same = (got.candidates.cpu() == ref.candidates.cpu()).all(dim=1)
+    r_got, r_ref = got.redundancy.double().cpu()[same], ref.redundancy.double().cpu()[same]
+    fin = torch.isfinite(r_got) & torch.isfinite(r_ref)
+    if not torch.equal(torch.isfinite(r_got), torch.isfinite(r_ref)):
+        problems.append("redundancy: finite in one backend, not in the other")
+    red_err = float((r_got - r_ref)[fin].abs().max()) if fin.any() else 0.0
+    if red_err > tol:
+        problems.append(f"redundancy: max error {red_err:.3g} > {tol:g}")
+
+    decided = decided_rows(ref, noise, edge_weight, num_keep, sim_threshold, tol)
+    if not bool(same[decided].all()):
+        problems.append(f"candidates differ on decided rows {(~same & decided).nonzero().flatten().tolist()}")
+    differs = (got.mask.cpu() != ref.mask.cpu()).any(dim=1)
+    if bool(differs[decided].any()):
+        problems.append(f"selection differs on decided rows {(differs & decided).nonzero().flatten().tolist()}")
+    return Comparison(problems, decided, int((differs & ~decided).sum()), edge_err, red_err)

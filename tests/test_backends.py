@@ -1,0 +1,69 @@
+"""Every backend usable here against the fp64 reference, through one helper
+(``assert_matches_reference``): the same cases for the native kernel, the
+Triton kernel (compiled on CUDA, interpreted on CPU: the cases stay small) and
+the reference backend itself (fp32 against fp64), plus the backend table.
+
+The per-backend files (test_native.py, test_triton.py) add what only that
+backend has: layouts and threads, tile paths, compilation.
+"""
+
+import pytest
+import torch
+
+import pgs_kernels
+from conftest import DEVICE, assert_matches_reference, patch_tokens, smooth_images
+from pgs_kernels import resolve_backend
+
+BACKENDS = pgs_kernels.available_backends(DEVICE)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# (seed, B, C, H, W, P, images dtype, tokens dtype or None, options)
+CASES = [
+    (0, 3, 3, 32, 48, 8, "fp32", None, {}),
+    (1, 2, 3, 28, 42, 14, "fp32", "fp32", dict(token_weight=0.5)),
+    (2, 2, 1, 48, 32, 16, "fp32", None, dict(mask_ratio=0.3)),
+    (3, 1, 3, 64, 96, 32, "fp32", "bf16", dict(token_weight=0.5, candidate_ratio=0.5)),
+    (4, 4, 3, 32, 32, 8, "bf16", "bf16", dict(token_weight=0.3, candidate_ratio=0.1)),
+    (5, 2, 1, 32, 32, 16, "fp16", "fp16", dict(token_weight=1.0, candidate_ratio=0.25)),
+    (6, 2, 3, 56, 28, 14, "fp32", None, dict(use_ot=False, candidate_ratio=0.2)),
+    (7, 2, 3, 32, 48, 8, "fp32", None, dict(candidate_ratio=0.0)),
+    (8, 2, 3, 32, 48, 8, "fp32", "fp32", dict(token_weight=0.4, edge_weight=0.0, sim_threshold=0.2)),
+    (9, 1, 3, 64, 32, 16, "bf16", None, dict(mask_ratio=0.75, ot_reg=0.2, ot_iters=5)),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=[f"case{c[0]}" for c in CASES])
+def test_random_inputs_match_reference(backend, case):
+    seed, B, C, H, W, P, idt, tdt, opts = case
+    images = smooth_images(B, C, H, W, seed).to(DTYPES[idt]).to(DEVICE)
+    tokens = patch_tokens(images, P, 24, seed, DTYPES[tdt]) if tdt else None
+    assert_matches_reference(backend, images, tokens, patch_size=P, **opts)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_photos_match_reference(backend, photos):
+    # The interpreter gets a quarter-size crop of each photo; the others the real size.
+    imgs = photos if (backend != "triton" or DEVICE == "cuda") else photos[:, :, :96, :64].contiguous()
+    imgs = imgs.to(DEVICE)
+    P = 16 if imgs.shape[-1] >= 128 else 8
+    for opts in (dict(), dict(mask_ratio=0.75, edge_weight=2.0), dict(use_ot=False, candidate_ratio=0.1)):
+        assert_matches_reference(backend, imgs, patch_size=P, min_decided=0.6, **opts)
+
+
+def test_auto_is_the_first_available_of_its_order():
+    for device in ("cpu",) + (("cuda",) if torch.cuda.is_available() else ()):
+        usable = pgs_kernels.available_backends(device)
+        expect = next(n for n in pgs_kernels.backends.AUTO_ORDER[device] if n in usable)
+        assert resolve_backend("auto", device).name == expect
+
+
+def test_resolver_names_backend_and_says_why():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("gpu", "cpu")
+    with pytest.raises(TypeError, match="backend must be a str"):
+        resolve_backend(None, "cpu")
+    with pytest.raises(ValueError, match="backend='native' is not available for meta tensors: needs CPU"):
+        resolve_backend("native", "meta")
+    assert resolve_backend("reference", "cpu").name == "reference"
