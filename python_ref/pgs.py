@@ -191,14 +191,27 @@ def redundancy(S: Tensor, num_patches: int, use_ot: bool, ot_reg: float, ot_iter
     With OT, ``r_j = L Σ_i Π_ij S_ij`` (the similarity to the candidates that
     patch ``j`` is transported to); without, ``r_j = max_i S_ij``; with no
     candidates (``k = 0``), ``r_j = -inf``. Returns ``(B, L)``.
+
+    After the last ``g`` update each column of ``L Π`` sums to one, so
+
+    .. math::
+        r_j = \frac{\sum_i Π_{ij} S_{ij}}{\sum_i Π_{ij}}
+            = \sum_i \operatorname{softmax}_i(S_{ij}/ε + f_i)\, S_{ij}
+
+    exactly: ``g_j`` cancels. That is how it is evaluated here and in every
+    backend. In fp32 the literal form carries the rounding of
+    ``S/ε + f + g`` (terms of size ``1/ε`` that cancel) into ``r`` (3e-4 off at
+    ``ε = 1.6e-4``); the normalized average is accurate to ~1e-6 there and
+    lies in ``[min_i S_ij, max_i S_ij]`` by construction.
     """
     B, k, L = S.shape
     if k == 0:
         return torch.full((B, L), -math.inf, dtype=S.dtype, device=S.device)
     if not use_ot:
         return S.amax(dim=1)
-    plan, _, _ = sinkhorn_plan(S, ot_reg, ot_iters)
-    return num_patches * (plan * S).sum(dim=1)
+    _, f, _ = sinkhorn_plan(S, ot_reg, ot_iters)
+    w = torch.softmax(S / ot_reg + f[:, :, None], dim=1)
+    return (w * S).sum(dim=1)
 
 
 def select_patches(key: Tensor, candidates: Tensor, r: Tensor, sim_threshold: float, num_keep: int):

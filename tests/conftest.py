@@ -94,8 +94,9 @@ def assert_matches_reference(backend, images, tokens=None, noise=None, *, min_de
     # The backend reads low-precision inputs as they are: the reference sees the same values.
     ref_tokens = tokens.double() if (tokens is not None and tw > 0) else None
     ref = python_ref.pgs_select(images.double(), ref_tokens, noise=noise, return_scores=True, **kw)
+    energy = python_ref.patch_sobel_energy(images.double(), P)
     res = compare_with_reference(got, ref, noise, edge_weight=kw.get("edge_weight", 1.0), num_keep=K,
-                                 sim_threshold=kw.get("sim_threshold", 0.5), tol=tol)
+                                 sim_threshold=kw.get("sim_threshold", 0.5), tol=tol, energy=energy)
     assert not res.problems, f"{backend}: " + "; ".join(res.problems)
     if k == 0:
         assert torch.isneginf(got.redundancy).all()
