@@ -41,7 +41,7 @@ __all__ = [
     "patchify",
 ]
 
-EPS = 1e-6  # the SPEC's guard against division by zero, in norms and min-max
+EPS = 1e-6  # the guard against division by zero, in norms and min-max
 
 
 def patchify(images: Tensor, patch_size: int) -> Tensor:
@@ -256,7 +256,7 @@ def pgs_select(
     validate: bool = False,
     dtype: torch.dtype = torch.float64,
 ) -> PGSSelection:
-    """PGS selection, step by step, exactly as SPEC.md defines it.
+    """PGS selection, step by step, exactly as docs/algorithm.md defines it.
 
     ``images`` ``(B, C, H, W)``, ``tokens`` ``(B, L, D)`` or ``None``, ``noise``
     ``(B, L)`` in ``[0, 1)`` or ``None`` (then drawn with ``torch.rand`` from

@@ -1,4 +1,4 @@
-"""Each step of python_ref against an independent computation of SPEC.md."""
+"""Each step of python_ref against an independent computation of docs/algorithm.md."""
 
 import math
 
@@ -24,7 +24,7 @@ def test_edge_energy_matches_scipy_sobel(seed, P, C):
     edge = R.edge_energy(x, P)
     for b in range(x.shape[0]):
         Y = x[b].mean(0).numpy()
-        # scipy's axis=1 derivative is Gx, smoothed along axis 0, as in SPEC.md.
+        # scipy's axis=1 derivative is Gx, smoothed along axis 0, as in docs/algorithm.md.
         gx = ndimage.sobel(Y, axis=1, mode="nearest")
         gy = ndimage.sobel(Y, axis=0, mode="nearest")
         G = np.hypot(gx, gy)
