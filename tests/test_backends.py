@@ -67,3 +67,45 @@ def test_resolver_names_backend_and_says_why():
     with pytest.raises(ValueError, match="backend='native' is not available for meta tensors: needs CPU"):
         resolve_backend("native", "meta")
     assert resolve_backend("reference", "cpu").name == "reference"
+
+
+# --- the numerical range: agree up to 1e15, fail as the fp32 reference does past fp32's overflow
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("C", [3, 64])
+def test_large_pixels_within_range_match_reference(backend, C):
+    images = (smooth_images(2, C, 32, 32, 40 + C) * 1e15).to(DEVICE)
+    assert_matches_reference(backend, images, patch_size=8, candidate_ratio=0.25)
+    tokens = patch_tokens(images / 1e15, 8, 16, 41) * (1e15 / 16)  # norms near 1e15
+    assert_matches_reference(backend, images, tokens, patch_size=8, candidate_ratio=0.25, token_weight=0.5)
+
+
+def _fp32_reference(images, tokens, noise, **kw):
+    import python_ref
+
+    t = tokens.float() if tokens is not None else None
+    return python_ref.pgs_select(images.float(), t, noise=noise, dtype=torch.float32, return_scores=True, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale,token_norm", [(1e20, None), (1e30, None), (1.0, 1e21), (1e20, 1e25)])
+def test_past_fp32_overflow_fails_like_the_fp32_reference(backend, scale, token_norm):
+    """Edge rows that overflow give NaN edges (candidates by index), vectors
+    whose norms overflow count as zero vectors (similarity 0, not NaN): the
+    same outcome in every backend. θ < 0 makes a zero similarity (tier 1)
+    and a NaN one (tier 2) select differently."""
+    C = 3
+    images = (smooth_images(2, C, 32, 32, 43) * scale).to(DEVICE)
+    tokens = None
+    kw = dict(patch_size=8, candidate_ratio=0.25, sim_threshold=-0.5)
+    if token_norm is not None:
+        tokens = (patch_tokens(images / scale, 8, 16, 44) * (token_norm / 16)).to(DEVICE)
+        kw["token_weight"] = 0.5
+    noise = torch.rand(2, 16, generator=torch.Generator().manual_seed(45)).to(DEVICE)
+    got = pgs_kernels.pgs_select(images, tokens, noise=noise, backend=backend, return_scores=True, **kw)
+    ref = _fp32_reference(images.cpu(), None if tokens is None else tokens.cpu(), noise.cpu(), **kw)
+    assert torch.equal(torch.isnan(got.edge.cpu()), torch.isnan(ref.edge))
+    assert torch.equal(got.candidates.cpu(), ref.candidates)
+    assert torch.equal(torch.isnan(got.redundancy.cpu()), torch.isnan(ref.redundancy))
+    assert torch.equal(got.keep_idx.cpu(), ref.keep_idx)
