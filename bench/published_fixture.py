@@ -346,37 +346,57 @@ def write_readme(meta: Dict) -> None:
 What the published CLIP-PGS selection computed, step by step, on fixed
 inputs; `tests/test_published.py` replays it through `python_ref.published`.
 
-Produced by `python bench/published_fixture.py --official <checkout> --fixture`
-from {meta['official_repo']} at commit `{meta['official_commit']}`
-({meta['official_class']}), imported from that checkout (not part of this
-project), with torch {meta['torch']} and numpy {meta['numpy']} on
+## How it was produced
+
+`python bench/published_fixture.py --official <checkout> --fixture`, with
+the published code imported from a checkout of {meta['official_repo']}
+at commit `{meta['official_commit']}` ({meta['official_class']}; the
+checkout is not part of this project);
+torch {meta['torch']}, numpy {meta['numpy']}, one thread, on
 {cpu['model']} (SIMD: {', '.join(cpu['simd_flags']) or 'none'}; torch CPU
-capability {cpu['torch_cpu_capability']}), {meta['date']}, project commit
+capability {cpu['torch_cpu_capability']}); {meta['date']}; project commit
 `{meta['project_commit']}`.
 
-Inputs: {len(meta['image_names'])} images of 224 x 224 stored as uint8
-(`images_u8`: scikit-image photos resized by area, synthetic scenes of
-`bench/scenes.py` and flat-rectangle scenes), fed as
-`(x / 255 - mean) / std` with CLIP's per-channel constants; tokens (cases
-with `token_weight > 0`) are float16 values in `tokens`. Each of the
-{len(meta['cases'])} cases is one call of the published module in training
-mode with the published configuration (`prob = {CANDIDATE_RATIO}`,
+Each of the {len(meta['cases'])} cases is one call of the published module
+in training mode with the published configuration (`prob = {CANDIDATE_RATIO}`,
 `target_mask_ratio = {SIM_THRESHOLD}`, `use_ed`, `use_otn`,
 `min_mask_ratio = mask_ratio`, `epoch = 32 * token_weight`) after
-`torch.manual_seed(seed)`; `meta_json` lists them (images, mask ratio, token
-weight, seed, keep count, Sinkhorn divisions).
+`torch.manual_seed(seed)`, batch sizes 1 to {max(len(c['images']) for c in meta['cases'])},
+mask ratios 0.5 and 0.75, token weights 0, 0.25 and 0.5. `meta_json` lists
+the cases (images, mask ratio, token weight, seed, keep count, Sinkhorn
+divisions) and this provenance.
 
-Per image of every case (rows `case_offsets[c]:case_offsets[c+1]`):
-`u`, `u2` the two noise draws (recorded from its `torch.rand` calls), `b` its
-edge prior, `candidates` (its order), `candidate_rows` the rows of its
-`S + SK(S)` at the candidates, `similar` its similar set, `keep` its kept
-patches in its order (`-1` padded to 196). `sort_probe_*`: rows with ties and
-their default `torch.argsort` order on this machine.
+## What is in it
 
-The edge prior is rounding noise of the standardized patch means: another
-machine (other SIMD width) computes another `b` from the same images, hence
-other candidates. The test therefore feeds the stored `b` and draws to the
-later steps and compares those exactly; its own `b` only loosely.
+- `images_u8`: {len(meta['image_names'])} images, 224 x 224, uint8 (names in
+  `meta_json`): scikit-image photos resized by area, synthetic scenes of
+  `bench/scenes.py` (`make_scene(seed)`) and noise-free flat-rectangle scenes.
+  They are fed as `(x / 255 - mean) / std` with CLIP's per-channel
+  constants, an elementwise computation that gives the same floats anywhere.
+- `tokens`: float16 stand-ins for patch embeddings (a random projection of
+  each patch plus a random position embedding), for the cases with
+  `token_weight > 0`, in case order.
+- Per image of every case (rows `case_offsets[c]:case_offsets[c+1]`,
+  `case_images` the image of each row): `u`, `u2` the two noise draws
+  (recorded from its `torch.rand` calls), `b` its edge prior, `candidates`
+  (in its order), `candidate_rows` the rows of its `S + SK(S)` at the
+  candidates, `similar` its similar set, `keep` its kept patches in its
+  order (`-1` padded to 196).
+- `sort_probe_keys`, `sort_probe_order`: rows with ties and their default
+  `torch.argsort` order here; the test compares tie-dependent orders only
+  where its sort breaks these ties the same way.
+
+## Why the test feeds stored values to the later steps
+
+The edge prior is the rounding noise of the standardized patch means: it
+changes with the machine's SIMD width and even with the batch shape. The
+division-based Sinkhorn amplifies the rounding of the similarity (a relative
+change of 1e-7 moves entries of `S + SK(S)` by up to thousands), so the
+similar set is machine-dependent too. The test therefore takes `b`, `u`,
+`u2` and `candidate_rows` from here and requires the stored candidates,
+similar set, keep count and kept patches exactly; it compares the port's own
+`b`, similarity and whole call with the stored ones only where the machine
+running it rounds the same way.
 """
     with open(os.path.join(DATA, "README.md"), "w") as f:
         f.write(text)
