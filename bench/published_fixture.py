@@ -587,6 +587,31 @@ def candidates_vs_noise(cls, n_scenes: int, draws: int) -> Dict:
     return out
 
 
+def sinkhorn_sensitivity(n_scenes: int) -> Dict:
+    """How much the published ``S + SK(S)`` moves when ``S`` changes by a
+    relative 1e-7 (rounding of another GEMM), per image at batch 1: the
+    largest entry change, and in how many images the similar set (at the
+    same candidates) changes."""
+    photos, _ = scenes.load_photos(scenes.PHOTO_NAMES)
+    xs = torch.cat([torch.stack([scenes.make_scene(30_000 + s)["image"] for s in range(n_scenes)]), photos])
+    g = torch.Generator().manual_seed(0)
+    k = L - int(L * (1 - CANDIDATE_RATIO))
+    moved, changed = [], 0
+    for i in range(xs.shape[0]):
+        z = pub.standardize_patches(pub.patchify_pqc(xs[i:i + 1], PATCH))
+        b = pub.published_edge_prior(z, 14, 14)
+        S = pub.published_similarity(z, None, 0.0)
+        S2 = S * (1 + 1e-7 * torch.randn(S.shape, generator=g))
+        T, T2 = S + pub.sinkhorn_knopp_division(S), S2 + pub.sinkhorn_knopp_division(S2)
+        cand = pub.published_candidates(b, torch.rand(1, L, generator=g), k)
+        moved.append(float((T2 - T).abs().max()))
+        same = torch.equal(pub.similar_set(T, cand, SIM_THRESHOLD), pub.similar_set(T2, cand, SIM_THRESHOLD))
+        changed += int(not same)
+    m = np.array(moved)
+    return {"images": len(moved), "relative_perturbation": 1e-7, "max_entry_change_median": float(np.median(m)),
+            "max_entry_change_max": float(m.max()), "images_whose_similar_set_changes": changed}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--official", required=True, help="path to a checkout of PGSmall/clip-pgs")
@@ -604,16 +629,19 @@ def main(argv=None) -> None:
         write_fixture(cls, args.official)
         return
     load_start = list(os.getloadavg())
+    commit = git_commit(_ROOT)
+    dirty = bool(subprocess.check_output(["git", "-C", _ROOT, "status", "--porcelain", "--", "python_ref",
+                                          "bench/published_fixture.py"], text=True))
     res = compare(cls, args.official, args.old_rev, args.scenes, range(args.seeds))
     res["keep_count_vs_batch"] = keep_count_vs_batch(cls, 64)
     res["candidates_vs_noise"] = candidates_vs_noise(cls, 64, 8)
+    res["sinkhorn_sensitivity"] = sinkhorn_sensitivity(64)
     doc = {
         "device": cpu_info(),
         "torch": torch.__version__,
         "threads": args.threads,
-        "commit": git_commit(_ROOT),
-        "commit_dirty": bool(subprocess.check_output(["git", "-C", _ROOT, "status", "--porcelain", "--",
-                                                      "python_ref", "bench/published_fixture.py"], text=True)),
+        "commit": commit,
+        "commit_dirty": dirty,
         "official_repo": "https://github.com/PGSmall/clip-pgs",
         "official_commit": git_commit(args.official),
         "old_port_rev": subprocess.check_output(["git", "-C", _ROOT, "rev-parse", args.old_rev], text=True).strip(),
@@ -627,7 +655,8 @@ def main(argv=None) -> None:
     with open(RESULTS, "w") as f:
         json.dump(doc, f, indent=1)
     print(json.dumps({k: doc[k] for k in ("match", "totals", "attn_mask_equal", "sk_divisions_histogram",
-                                          "kept_set_decided_by_sort_ties", "candidates_vs_noise")}, indent=1))
+                                          "kept_set_decided_by_sort_ties", "candidates_vs_noise",
+                                          "sinkhorn_sensitivity")}, indent=1))
     print(f"wrote {RESULTS}")
 
 

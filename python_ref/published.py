@@ -16,28 +16,37 @@ published arithmetic operation for operation, not just its formulas:
 
 * the pixel vectors are in ``(p, q, c)`` order (row in patch, column in
   patch, channel); ``mean(z_j)`` is zero up to rounding, so ``b`` is made of
-  the rounding noise of those sums and the order decides it. The same noise
-  depends on the SIMD width of the machine's reductions (AVX2 and AVX-512
-  hosts give different ``b``, hence different candidates);
+  the rounding noise of those sums and the order decides it. That noise
+  also follows the SIMD width of the machine's reductions (AVX2 and AVX-512
+  hosts give different ``b``, hence different candidates) and the batch
+  shape;
 * Sinkhorn-Knopp takes both sums at the top of an iteration and divides by
-  the second with its value from before the first division;
+  the second with its value from before the first division. So it does not
+  converge to a doubly stochastic matrix (it runs all 50 iterations on real
+  images), and where column sums of ``S`` are near zero it amplifies the
+  rounding of ``S`` (a relative change of 1e-7 moves entries by up to
+  thousands): the similar set is machine-dependent as well;
 * candidates and kept patches are ordered by the default (unstable)
-  ``torch.argsort``; ties are broken the way that sort breaks them.
+  ``torch.argsort``; ties are broken the way that sort breaks them on the
+  device it runs on. Every non-similar patch has the key 0, so when there
+  are more of them than ``K'`` (often) the kept set is a fixed pattern of
+  the sort, not a random one.
 
 Where it departs from the contract (SPEC.md): ``b`` is rounding noise, and
 the ``1e6`` factor on it makes the candidates follow that noise, not ``u``;
-it works on the full ``L x L`` similarity with a Sinkhorn that stops early
-(one host sync per iteration) and can divide by sums near zero; the number
-of kept patches depends on the whole batch (another host sync), so the
-output width ``K'`` varies from call to call; and it returns an attention
-mask over the kept tokens.
+it works on the full ``L x L`` similarity with a Sinkhorn that reads a
+device value every iteration (a host sync) and can divide by sums near
+zero; the number of kept patches depends on the whole batch (another host
+sync), so the output width ``K'`` varies from call to call; and it returns
+an attention mask over the kept tokens.
 
 Where this port departs from the published code, none of which changes the
 selection for float32 inputs: it computes in float32 whatever the input
-dtype (float64 for float64 images); it takes any ``patch_size`` and
-rectangular grids (the published code patchifies with 16 and needs a square
-grid); ``keep_idx`` is ascending (the published code keeps its sort order;
-the attention mask here follows ``keep_idx``); ``K'`` is at least 1.
+dtype (float64 for float64 images; the published code computes in the input
+dtype); it takes any ``patch_size`` and rectangular grids (the published
+code patchifies with 16 and needs a square grid); ``keep_idx`` is ascending
+(the published code keeps its sort order; the attention mask here follows
+``keep_idx``); ``K'`` is at least 1 (the published count can reach 0).
 
 ``random_masking`` drops the ``M`` patches of lowest noise, i.e. exactly
 ``pgs_select(candidate_ratio=0, edge_weight=0)``; it is the cost floor of any
@@ -111,7 +120,8 @@ def published_edge_prior(z: Tensor, gh: int, gw: int) -> Tensor:
     ``b_j = (m_j - min m) / (max m - min m + 1e-6)``.
 
     ``mean(z_j)`` is zero in exact arithmetic, so ``b`` is the spatial
-    pattern of its rounding error.
+    pattern of its rounding error; the range ``max m - min m`` is of the
+    order of the ``1e-6`` guard, so ``max b`` stays well below 1.
     """
     B, L, _ = z.shape
     g = z.mean(dim=-1, keepdim=True).reshape(B, gh, gw, 1).permute(0, 3, 1, 2)

@@ -202,13 +202,14 @@ def test_own_edge_prior_and_similarity_and_outcome(case):
     if not (torch.equal(b, case["b"]) and torch.equal(rows, case["rows"])):
         pytest.skip("this machine rounds the published edge prior or similarity differently "
                     f"(fixture made on {META['cpu']['model']}, {META['cpu']['torch_cpu_capability']})")
+    if not SAME_SORT:
+        pytest.skip(f"this torch breaks sort ties differently (fixture made with torch {META['torch']})")
     assert divisions == case["sk_divisions"]
     sel = pub.published_pgs(x, t, noise=case["u"], keep_noise=case["u2"], mask_ratio=case["mask_ratio"],
                             token_weight=case["token_weight"], return_scores=True)
     assert torch.equal(sel.edge, case["b"])
     assert torch.equal(sel.redundancy.bool(), case["similar"])
-    if SAME_SORT:
-        assert torch.equal(sel.candidates, case["cand"])
+    assert torch.equal(sel.candidates, case["cand"])
     assert sel.keep_idx.shape[1] == case["Kp"]
     assert torch.equal(sel.keep_idx, torch.sort(case["keep"], dim=1).values)
 
