@@ -188,8 +188,9 @@ def published_candidates(b: Tensor, noise: Tensor, k: int) -> Tensor:
     r"""Candidates ``(B, k)``: the last ``k`` of ``argsort(u + 1e6 · b)``
     (ascending, the default unstable sort), in that order.
 
-    ``1e6 · b`` rounds ``u`` away (fp32 spacing at ``1e6`` is ``1/16``), so
-    the candidates are the ``k`` patches of largest ``b`` whatever ``u``.
+    ``1e6 · b`` outweighs ``u < 1`` (and in fp32 rounds it to a multiple of
+    up to ``1/16``), so the candidates are the ``k`` patches of largest
+    ``b`` whatever ``u``, unless ``b`` values differ by less than ``1e-6``.
     """
     L = b.shape[1]
     order = torch.argsort(noise + b * EDGE_SCALE, dim=1)
@@ -237,7 +238,9 @@ def published_attn_mask(S: Tensor, candidates: Tensor, sim_threshold: float, kee
 
     ``s_j = Σ_i [S_ij > θ] · (-1e12)`` over the candidates ``i``, summed in
     float32 (``s = 0`` for CLS); entry ``(a, b) = s_a + s_b``: ``-1e12`` or
-    less where either token is a similar patch, 0 elsewhere.
+    less where either token is a similar patch, 0 elsewhere. (The published
+    vision tower passes on ``mask == 0`` cast to float, a ``+1`` bias where
+    neither token is similar, which masks nothing.)
     """
     B, k = candidates.shape
     L = S.shape[2]
