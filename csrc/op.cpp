@@ -1,0 +1,271 @@
+// The operator's CPU kernel: argument checks, outputs, per-thread work space,
+// images spread over threads with at::parallel_for, and the registration for
+// the schema that pgs_kernels/op.py defines.
+
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "pgs.h"
+#include "simd.h"
+
+namespace pgs {
+
+int simd_width() {
+#if PGS_X86_VARIANTS
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return 16;
+  if (__builtin_cpu_supports("x86-64-v3")) return 8;
+#endif
+  return 4;
+}
+
+namespace {
+
+// Work space memory from ATen's CPU allocator (64-byte aligned, so that no
+// vector load from a buffer start straddles two cache lines); the tensors
+// live as long as this object.
+class Arena {
+ public:
+  template <class T>
+  T* take(int64_t n) {
+    storage_.push_back(at::empty({std::max<int64_t>(n, 1) * static_cast<int64_t>(sizeof(T))}, at::kByte));
+    return static_cast<T*>(storage_.back().data_ptr());
+  }
+
+ private:
+  std::vector<at::Tensor> storage_;
+};
+
+// Sized for the widest vectors (kMaxWidth floats), whichever variant runs.
+// sc, sy: channel and row stride of the pixels the kernel reads.
+Workspace make_workspace(const Params& prm, int64_t sc, int64_t sy, Arena& arena) {
+  const Geometry& g = prm.g;
+  auto pad = [](int64_t n) { return (n + kMaxWidth - 1) / kMaxWidth * kMaxWidth; };
+  const int64_t L = g.L, k = std::max<int64_t>(prm.k, 1), Lp = pad(L), kp = pad(prm.k);
+  const int64_t dpad = pad(g.C * g.P * g.P);
+  Workspace ws{};
+  ws.sum_rows = arena.take<float>(3 * (g.W + 2));
+  ws.band_sobel = arena.take<float>(g.W);
+  ws.shifted_sums = arena.take<float>(g.gw * kMaxWidth);
+  ws.patch_mean = arena.take<float>(L);
+  ws.sobel_sum = arena.take<double>(L);
+  ws.key = arena.take<double>(L);
+  ws.order = arena.take<int64_t>(L);
+  ws.tier = arena.take<uint8_t>(L);
+  ws.row_offsets = arena.take<int64_t>(g.C * g.P);
+  for (int64_t c = 0; c < g.C; ++c) {
+    for (int64_t row = 0; row < g.P; ++row) ws.row_offsets[c * g.P + row] = c * sc + row * sy;
+  }
+  ws.cand_vectors = arena.take<const float*>(k);
+  if (prm.want_pixels) {
+    ws.centered_cands = arena.take<float>(k * dpad);
+    ws.centered_rows = arena.take<float>(2 * dpad);
+    ws.pixel_dots = arena.take<float>(k * Lp);
+  }
+  ws.panel = arena.take<float>(k * std::max(dpad, pad(prm.D)));
+  if (prm.want_tokens) ws.token_dots = arena.take<float>(k * Lp);
+  ws.inv_pixel_norm = arena.take<float>(L);
+  ws.inv_token_norm = arena.take<float>(L);
+  ws.sim = arena.take<float>(k * Lp);
+  ws.sinkhorn_work = arena.take<float>(prm.k * Lp + 3 * kp + 2 * Lp + kMaxWidth);
+  return ws;
+}
+
+// ---------------------------------------------------------------------------
+// Input conversion: any dtype, any strides -> contiguous fp32.
+
+template <typename T>
+void copy_row_float(const T* src, int64_t stride, int64_t n, float* dst) {
+  if (stride == 1) {
+    for (int64_t t = 0; t < n; ++t) dst[t] = static_cast<float>(src[t]);
+  } else {
+    for (int64_t t = 0; t < n; ++t) dst[t] = static_cast<float>(src[t * stride]);
+  }
+}
+
+template <typename F>
+void with_float_type(at::ScalarType s, const F& f) {
+  switch (s) {
+    case at::kFloat: f(float{}); break;
+    case at::kDouble: f(double{}); break;
+    case at::kHalf: f(at::Half{}); break;
+    case at::kBFloat16: f(at::BFloat16{}); break;
+    default: TORCH_CHECK_TYPE(false, "pgs_select: unsupported dtype ", s);
+  }
+}
+
+// ---------------------------------------------------------------------------
+
+bool is_float_dtype(at::ScalarType s) {
+  return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_select_cpu(
+    const at::Tensor& images, const std::optional<at::Tensor>& tokens_opt, const at::Tensor& noise_in,
+    int64_t patch_size, int64_t num_keep, int64_t num_candidates, double sim_threshold,
+    double token_weight, double edge_weight, bool use_ot, double ot_reg, int64_t ot_iters) {
+  // torch.ops can be called directly, so check everything the Python layer does.
+  TORCH_CHECK_VALUE(images.dim() == 4, "pgs_select: images must have shape (B, C, H, W), got ",
+                    images.dim(), " dims ", images.sizes());
+  TORCH_CHECK_VALUE(images.device().is_cpu(), "pgs_select (native): images must be a CPU tensor, got ",
+                    images.device());
+  TORCH_CHECK_TYPE(is_float_dtype(images.scalar_type()),
+                   "pgs_select: images must be float16, bfloat16, float32 or float64, got ", images.scalar_type());
+  TORCH_CHECK_VALUE(patch_size >= 1, "pgs_select: patch_size must be >= 1, got ", patch_size);
+  const int64_t B = images.size(0), C = images.size(1), H = images.size(2), W = images.size(3);
+  const int64_t P = patch_size;
+  TORCH_CHECK_VALUE(C >= 1, "pgs_select: images must have at least one channel, got C=", C);
+  TORCH_CHECK_VALUE(H % P == 0, "pgs_select: images: H=", H, " is not divisible by patch_size=", P);
+  TORCH_CHECK_VALUE(W % P == 0, "pgs_select: images: W=", W, " is not divisible by patch_size=", P);
+  const int64_t gh = H / P, gw = W / P, L = gh * gw;
+  TORCH_CHECK_VALUE(L >= 1, "pgs_select: images: H=", H, ", W=", W, " hold no ", P, "x", P, " patch");
+  TORCH_CHECK_VALUE(noise_in.dim() == 2 && noise_in.size(0) == B && noise_in.size(1) == L,
+                    "pgs_select: noise must have shape (B, L) = (", B, ", ", L, "), got ", noise_in.sizes());
+  TORCH_CHECK_TYPE(is_float_dtype(noise_in.scalar_type()), "pgs_select: noise must be floating point, got ",
+                   noise_in.scalar_type());
+  TORCH_CHECK_VALUE(noise_in.device().is_cpu(), "pgs_select (native): noise must be a CPU tensor, got ",
+                    noise_in.device());
+  TORCH_CHECK_VALUE(num_keep >= 0 && num_keep <= L, "pgs_select: num_keep must be in [0, L=", L, "], got ",
+                    num_keep);
+  TORCH_CHECK_VALUE(num_candidates >= 0 && num_candidates <= L, "pgs_select: num_candidates must be in [0, L=",
+                    L, "], got ", num_candidates);
+  TORCH_CHECK_VALUE(token_weight >= 0.0 && token_weight <= 1.0, "pgs_select: token_weight must be in [0, 1], got ",
+                    token_weight);
+  TORCH_CHECK_VALUE(edge_weight >= 0.0 && std::isfinite(edge_weight),
+                    "pgs_select: edge_weight must be finite and >= 0, got ", edge_weight);
+  TORCH_CHECK_VALUE(ot_reg > 0.0 && std::isfinite(ot_reg), "pgs_select: ot_reg must be finite and > 0, got ",
+                    ot_reg);
+  TORCH_CHECK_VALUE(ot_iters >= 1, "pgs_select: ot_iters must be >= 1, got ", ot_iters);
+  TORCH_CHECK_VALUE(!std::isnan(sim_threshold), "pgs_select: sim_threshold must not be NaN");
+
+  const bool want_tokens = token_weight > 0.0;
+  at::Tensor tokens;
+  int64_t D = 0;
+  if (want_tokens) {
+    TORCH_CHECK_VALUE(tokens_opt.has_value() && tokens_opt->defined(), "pgs_select: token_weight=",
+                      token_weight, " > 0 needs tokens, got tokens=None");
+    tokens = *tokens_opt;
+    TORCH_CHECK_VALUE(tokens.dim() == 3 && tokens.size(0) == B && tokens.size(1) == L && tokens.size(2) >= 1,
+                      "pgs_select: tokens must have shape (B, L, D) = (", B, ", ", L, ", D>=1), got ",
+                      tokens.sizes());
+    TORCH_CHECK_TYPE(is_float_dtype(tokens.scalar_type()), "pgs_select: tokens must be floating point, got ",
+                     tokens.scalar_type());
+    TORCH_CHECK_VALUE(tokens.device().is_cpu(), "pgs_select (native): tokens must be a CPU tensor, got ",
+                      tokens.device());
+    D = tokens.size(2);
+  }
+
+  const int64_t K = num_keep, k = num_candidates;
+  const auto i64 = images.options().dtype(at::kLong);
+  at::Tensor keep = at::empty({B, K}, i64);
+  at::Tensor mask = at::empty({B, L}, images.options().dtype(at::kBool));
+  at::Tensor edge = at::empty({B, L}, images.options().dtype(at::kFloat));
+  at::Tensor cand = at::empty({B, k}, i64);
+  at::Tensor red = at::empty({B, L}, images.options().dtype(at::kFloat));
+  if (B == 0) return {keep, mask, edge, cand, red};
+
+  // .to and .contiguous return the tensor itself when nothing is to be done.
+  const at::Tensor noise = noise_in.to(at::kFloat).contiguous();
+  Params prm{};
+  prm.g = Geometry{C, H, W, P, gh, gw, L};
+  prm.K = K, prm.k = k, prm.D = D, prm.T = ot_iters;
+  prm.theta = static_cast<float>(sim_threshold);
+  prm.alpha = static_cast<float>(token_weight);
+  prm.one_minus_alpha = static_cast<float>(1.0 - token_weight);
+  prm.eps = static_cast<float>(ot_reg);
+  prm.edge_weight = edge_weight;
+  prm.use_ot = use_ot, prm.want_pixels = token_weight < 1.0, prm.want_tokens = want_tokens;
+
+  const float* noise_all = noise.data_ptr<float>();
+  int64_t* keep_all = keep.data_ptr<int64_t>();
+  bool* mask_all = mask.data_ptr<bool>();
+  float* edge_all = edge.data_ptr<float>();
+  int64_t* cand_all = cand.data_ptr<int64_t>();
+  float* red_all = red.data_ptr<float>();
+  const int64_t ist[4] = {images.stride(0), images.stride(1), images.stride(2), images.stride(3)};
+  // fp32 pixels with unit column stride and fp32 tokens with unit feature
+  // stride are read where they lie; anything else is converted per image.
+  const bool img_direct = images.scalar_type() == at::kFloat && ist[3] == 1;
+  const bool tok_direct = want_tokens && tokens.scalar_type() == at::kFloat && tokens.stride(2) == 1;
+  static const Kernels kernels = kernels_for(simd_width());
+
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    // Offsets of a patch's pixel rows, in the layout the kernel reads (the
+    // tensor's own, or the converted copy's).
+    const int64_t sc = img_direct ? ist[1] : H * W, sy = img_direct ? ist[2] : W;
+    Arena arena;
+    const Workspace ws = make_workspace(prm, sc, sy, arena);
+    float* image_copy = img_direct ? nullptr : arena.take<float>(C * H * W);
+    float* token_copy = want_tokens && !tok_direct ? arena.take<float>(L * D) : nullptr;
+
+    for (int64_t b = b0; b < b1; ++b) {
+      ImageIn in{};
+      in.channel_stride = sc;
+      in.row_stride = sy;
+      if (img_direct) {
+        in.pixels = images.const_data_ptr<float>() + b * ist[0];
+      } else {
+        with_float_type(images.scalar_type(), [&](auto zero) {
+          using T = decltype(zero);
+          const T* base = static_cast<const T*>(images.const_data_ptr()) + b * ist[0];
+          for (int64_t c = 0; c < C; ++c) {
+            for (int64_t y = 0; y < H; ++y) {
+              copy_row_float(base + c * ist[1] + y * ist[2], ist[3], W, image_copy + (c * H + y) * W);
+            }
+          }
+        });
+        in.pixels = image_copy;
+      }
+      if (tok_direct) {
+        in.tokens = tokens.const_data_ptr<float>() + b * tokens.stride(0);
+        in.token_stride = tokens.stride(1);
+      } else if (want_tokens) {
+        with_float_type(tokens.scalar_type(), [&](auto zero) {
+          using T = decltype(zero);
+          const T* base = static_cast<const T*>(tokens.const_data_ptr()) + b * tokens.stride(0);
+          for (int64_t j = 0; j < L; ++j) {
+            copy_row_float(base + j * tokens.stride(1), tokens.stride(2), D, token_copy + j * D);
+          }
+        });
+        in.tokens = token_copy;
+        in.token_stride = D;
+      }
+      in.noise = noise_all + b * L;
+      in.next_pixels = img_direct && b + 1 < b1 ? images.const_data_ptr<float>() + (b + 1) * ist[0] : nullptr;
+      const ImageOut out{edge_all + b * L, cand_all + b * k, red_all + b * L, mask_all + b * L,
+                         keep_all + b * K};
+      process_image(kernels, prm, in, out, ws);
+    }
+  });
+  return {keep, mask, edge, cand, red};
+}
+
+}  // namespace
+}  // namespace pgs
+
+// The schema is defined once, in Python (pgs_kernels/op.py), before this
+// module is imported; here only the CPU kernel is registered for it.
+TORCH_LIBRARY_IMPL(pgs_kernels, CPU, m) { m.impl("pgs_select", &pgs::pgs_select_cpu); }
+
+// The operator lives in the dispatcher; importing the Python module runs the
+// registration above. Its one function says which compiled variant the
+// kernel dispatches to, so that benchmarks can record it.
+static PyObject* simd_width(PyObject*, PyObject*) { return PyLong_FromLong(pgs::simd_width()); }
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyMethodDef methods[] = {
+      {"simd_width", simd_width, METH_NOARGS,
+       "Floats per vector of the kernel variant in use: 16 (AVX-512), 8 (AVX2+FMA), 4 (baseline)."},
+      {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods, nullptr, nullptr,
+                                   nullptr, nullptr};
+  return PyModule_Create(&def);
+}
