@@ -79,35 +79,6 @@ Workspace make_workspace(const Params& prm, int64_t sc, int64_t sy, Arena& arena
   return ws;
 }
 
-// ---------------------------------------------------------------------------
-// Input conversion: any dtype, any strides -> contiguous fp32.
-
-template <typename T>
-void copy_row_float(const T* src, int64_t stride, int64_t n, float* dst) {
-  if (stride == 1) {
-    for (int64_t t = 0; t < n; ++t) dst[t] = static_cast<float>(src[t]);
-  } else {
-    for (int64_t t = 0; t < n; ++t) dst[t] = static_cast<float>(src[t * stride]);
-  }
-}
-
-template <typename F>
-void with_float_type(at::ScalarType s, const F& f) {
-  switch (s) {
-    case at::kFloat: f(float{}); break;
-    case at::kDouble: f(double{}); break;
-    case at::kHalf: f(at::Half{}); break;
-    case at::kBFloat16: f(at::BFloat16{}); break;
-    default: TORCH_CHECK_TYPE(false, "pgs_select: unsupported dtype ", s);
-  }
-}
-
-// ---------------------------------------------------------------------------
-
-bool is_float_dtype(at::ScalarType s) {
-  return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_select_cpu(
     const at::Tensor& images, const std::optional<at::Tensor>& tokens_opt, const at::Tensor& noise_in,
     int64_t patch_size, int64_t num_keep, int64_t num_candidates, double sim_threshold,
@@ -117,8 +88,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_selec
                     images.dim(), " dims ", images.sizes());
   TORCH_CHECK_VALUE(images.device().is_cpu(), "pgs_select (native): images must be a CPU tensor, got ",
                     images.device());
-  TORCH_CHECK_TYPE(is_float_dtype(images.scalar_type()),
-                   "pgs_select: images must be float16, bfloat16, float32 or float64, got ", images.scalar_type());
+  const at::ScalarType image_dtype = images.scalar_type();
+  TORCH_CHECK_TYPE(image_dtype == at::kFloat || image_dtype == at::kHalf || image_dtype == at::kBFloat16,
+                   "pgs_select: images must be float16, bfloat16 or float32, got ", image_dtype);
   TORCH_CHECK_VALUE(patch_size >= 1, "pgs_select: patch_size must be >= 1, got ", patch_size);
   const int64_t B = images.size(0), C = images.size(1), H = images.size(2), W = images.size(3);
   const int64_t P = patch_size;
@@ -129,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_selec
   TORCH_CHECK_VALUE(L >= 1, "pgs_select: images: H=", H, ", W=", W, " hold no ", P, "x", P, " patch");
   TORCH_CHECK_VALUE(noise_in.dim() == 2 && noise_in.size(0) == B && noise_in.size(1) == L,
                     "pgs_select: noise must have shape (B, L) = (", B, ", ", L, "), got ", noise_in.sizes());
-  TORCH_CHECK_TYPE(is_float_dtype(noise_in.scalar_type()), "pgs_select: noise must be floating point, got ",
+  TORCH_CHECK_TYPE(at::isFloatingType(noise_in.scalar_type()), "pgs_select: noise must be floating point, got ",
                    noise_in.scalar_type());
   TORCH_CHECK_VALUE(noise_in.device().is_cpu(), "pgs_select (native): noise must be a CPU tensor, got ",
                     noise_in.device());
@@ -156,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_selec
     TORCH_CHECK_VALUE(tokens.dim() == 3 && tokens.size(0) == B && tokens.size(1) == L && tokens.size(2) >= 1,
                       "pgs_select: tokens must have shape (B, L, D) = (", B, ", ", L, ", D>=1), got ",
                       tokens.sizes());
-    TORCH_CHECK_TYPE(is_float_dtype(tokens.scalar_type()), "pgs_select: tokens must be floating point, got ",
+    TORCH_CHECK_TYPE(at::isFloatingType(tokens.scalar_type()), "pgs_select: tokens must be floating point, got ",
                      tokens.scalar_type());
     TORCH_CHECK_VALUE(tokens.device().is_cpu(), "pgs_select (native): tokens must be a CPU tensor, got ",
                       tokens.device());
@@ -198,13 +170,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_selec
   static const Kernels kernels = kernels_for(simd_width());
 
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    // Worker threads start with the default dispatch state; the copies below
+    // are plain kernels, never recorded by autograd.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     // Offsets of a patch's pixel rows, in the layout the kernel reads (the
     // tensor's own, or the converted copy's).
     const int64_t sc = img_direct ? ist[1] : H * W, sy = img_direct ? ist[2] : W;
     Arena arena;
     const Workspace ws = make_workspace(prm, sc, sy, arena);
-    float* image_copy = img_direct ? nullptr : arena.take<float>(C * H * W);
-    float* token_copy = want_tokens && !tok_direct ? arena.take<float>(L * D) : nullptr;
+    const at::Tensor image_copy = img_direct ? at::Tensor() : at::empty({C, H, W}, at::kFloat);
+    const at::Tensor token_copy = want_tokens && !tok_direct ? at::empty({L, D}, at::kFloat) : at::Tensor();
 
     for (int64_t b = b0; b < b1; ++b) {
       ImageIn in{};
@@ -213,29 +188,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_selec
       if (img_direct) {
         in.pixels = images.const_data_ptr<float>() + b * ist[0];
       } else {
-        with_float_type(images.scalar_type(), [&](auto zero) {
-          using T = decltype(zero);
-          const T* base = static_cast<const T*>(images.const_data_ptr()) + b * ist[0];
-          for (int64_t c = 0; c < C; ++c) {
-            for (int64_t y = 0; y < H; ++y) {
-              copy_row_float(base + c * ist[1] + y * ist[2], ist[3], W, image_copy + (c * H + y) * W);
-            }
-          }
-        });
-        in.pixels = image_copy;
+        image_copy.copy_(images.select(0, b));
+        in.pixels = image_copy.const_data_ptr<float>();
       }
       if (tok_direct) {
         in.tokens = tokens.const_data_ptr<float>() + b * tokens.stride(0);
         in.token_stride = tokens.stride(1);
       } else if (want_tokens) {
-        with_float_type(tokens.scalar_type(), [&](auto zero) {
-          using T = decltype(zero);
-          const T* base = static_cast<const T*>(tokens.const_data_ptr()) + b * tokens.stride(0);
-          for (int64_t j = 0; j < L; ++j) {
-            copy_row_float(base + j * tokens.stride(1), tokens.stride(2), D, token_copy + j * D);
-          }
-        });
-        in.tokens = token_copy;
+        token_copy.copy_(tokens.select(0, b));
+        in.tokens = token_copy.const_data_ptr<float>();
         in.token_stride = D;
       }
       in.noise = noise_all + b * L;
