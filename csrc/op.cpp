@@ -6,10 +6,12 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -18,13 +20,24 @@
 
 namespace pgs {
 
+// ATen's capability (the CPU's best, or lower as ATEN_CPU_CAPABILITY says)
+// caps the variant, so that one switch governs ATen's kernels and this one.
 int simd_width() {
+  static const int width = [] {
+    const std::string capability = at::get_cpu_capability();
+    const int allowed = capability == "AVX512" ? 16 : capability == "AVX2" ? 8 : 4;
+    int supported = 4;
 #if PGS_X86_VARIANTS
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("x86-64-v4")) return 16;
-  if (__builtin_cpu_supports("x86-64-v3")) return 8;
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4")) {
+      supported = 16;
+    } else if (__builtin_cpu_supports("x86-64-v3")) {
+      supported = 8;
+    }
 #endif
-  return 4;
+    return std::min(allowed, supported);
+  }();
+  return width;
 }
 
 namespace {

@@ -329,6 +329,39 @@ def test_thread_count_does_not_change_the_answer(photos):
 
 
 @needs_native
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_aten_cpu_capability_selects_the_variant(capability):
+    """ATEN_CPU_CAPABILITY caps the compiled variant (``default``: the
+    baseline, 4 floats per vector), which still matches the reference."""
+    code = textwrap.dedent(
+        """
+        import torch
+        import pgs_kernels
+        from test_native import CASES, compare, make_inputs
+
+        reported = torch.backends.cpu.get_cpu_capability()
+        width = pgs_kernels.op._C.simd_width()
+        print(reported, width)
+        expected = {"DEFAULT": 4, "AVX2": 8}[reported]
+        assert width == expected, (reported, width)
+        for seed, B, C, H, W, P, dtype, layout, token_mode, opts in CASES:
+            images, tokens, noise = make_inputs(seed, B, C, H, W, P, dtype, layout, token_mode)
+            compare(images, tokens, noise, patch_size=P, min_stable=0.5, **opts)
+        print("ok")
+        """
+    )
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    reported, width = res.stdout.split()[:2]
+    if capability == "default":
+        assert (reported, width) == ("DEFAULT", "4")
+    assert res.stdout.strip().endswith("ok")
+
+
+@needs_native
 def test_cpp_schema_equals_python_schema():
     native = torch.ops.pgs_kernels.pgs_select.default._schema
     assert native == torch._C.parse_schema("pgs_kernels::" + SCHEMA)
