@@ -11,7 +11,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
+#include <string_view>
 #include <tuple>
 #include <vector>
 
@@ -92,18 +94,21 @@ Workspace make_workspace(const Params& prm, int64_t sc, int64_t sy, Arena& arena
   return ws;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_select_cpu(
-    const at::Tensor& images, const std::optional<at::Tensor>& tokens_opt, const at::Tensor& noise_in,
-    int64_t patch_size, int64_t num_keep, int64_t num_candidates, double sim_threshold,
-    double token_weight, double edge_weight, bool use_ot, double ot_reg, int64_t ot_iters) {
-  // torch.ops can be called directly, so check everything the Python layer does.
-  TORCH_CHECK_VALUE(images.dim() == 4, "pgs_select: images must have shape (B, C, H, W), got ",
-                    images.dim(), " dims ", images.sizes());
-  TORCH_CHECK_VALUE(images.device().is_cpu(), "pgs_select (native): images must be a CPU tensor, got ",
+std::string_view dtype_name(at::ScalarType s) { return c10::getDtypeNames(s).first; }
+
+// Everything pgs_select checks that needs no look at the values (torch.ops
+// can be called directly), as ValueError / TypeError naming the argument.
+// Returns the geometry.
+Geometry check_args(const at::Tensor& images, const std::optional<at::Tensor>& tokens, const at::Tensor& noise,
+                    int64_t patch_size, int64_t num_keep, int64_t num_candidates, double sim_threshold,
+                    double token_weight, double edge_weight, double ot_reg, int64_t ot_iters) {
+  TORCH_CHECK_VALUE(images.dim() == 4, "pgs_select: images must have shape (B, C, H, W), got ", images.dim(),
+                    " dims ", images.sizes());
+  TORCH_CHECK_VALUE(images.device().is_cpu(), "pgs_select (native CPU kernel): images must be on the CPU, got ",
                     images.device());
   const at::ScalarType image_dtype = images.scalar_type();
   TORCH_CHECK_TYPE(image_dtype == at::kFloat || image_dtype == at::kHalf || image_dtype == at::kBFloat16,
-                   "pgs_select: images must be float16, bfloat16 or float32, got ", image_dtype);
+                   "pgs_select: images must be one of float16, bfloat16, float32, got ", dtype_name(image_dtype));
   TORCH_CHECK_VALUE(patch_size >= 1, "pgs_select: patch_size must be >= 1, got ", patch_size);
   const int64_t B = images.size(0), C = images.size(1), H = images.size(2), W = images.size(3);
   const int64_t P = patch_size;
@@ -112,41 +117,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_selec
   TORCH_CHECK_VALUE(W % P == 0, "pgs_select: images: W=", W, " is not divisible by patch_size=", P);
   const int64_t gh = H / P, gw = W / P, L = gh * gw;
   TORCH_CHECK_VALUE(L >= 1, "pgs_select: images: H=", H, ", W=", W, " hold no ", P, "x", P, " patch");
-  TORCH_CHECK_VALUE(noise_in.dim() == 2 && noise_in.size(0) == B && noise_in.size(1) == L,
-                    "pgs_select: noise must have shape (B, L) = (", B, ", ", L, "), got ", noise_in.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(noise_in.scalar_type()), "pgs_select: noise must be floating point, got ",
-                   noise_in.scalar_type());
-  TORCH_CHECK_VALUE(noise_in.device().is_cpu(), "pgs_select (native): noise must be a CPU tensor, got ",
-                    noise_in.device());
-  TORCH_CHECK_VALUE(num_keep >= 0 && num_keep <= L, "pgs_select: num_keep must be in [0, L=", L, "], got ",
+
+  TORCH_CHECK_VALUE(num_keep >= 1 && num_keep <= L, "pgs_select: num_keep must be in [1, L=", L, "], got ",
                     num_keep);
-  TORCH_CHECK_VALUE(num_candidates >= 0 && num_candidates <= L, "pgs_select: num_candidates must be in [0, L=",
-                    L, "], got ", num_candidates);
+  TORCH_CHECK_VALUE(num_candidates >= 0 && num_candidates <= L, "pgs_select: num_candidates must be in [0, L=", L,
+                    "], got ", num_candidates);
+  TORCH_CHECK_VALUE(!std::isnan(sim_threshold), "pgs_select: sim_threshold must not be NaN, got ", sim_threshold);
   TORCH_CHECK_VALUE(token_weight >= 0.0 && token_weight <= 1.0, "pgs_select: token_weight must be in [0, 1], got ",
                     token_weight);
-  TORCH_CHECK_VALUE(edge_weight >= 0.0 && std::isfinite(edge_weight),
-                    "pgs_select: edge_weight must be finite and >= 0, got ", edge_weight);
-  TORCH_CHECK_VALUE(ot_reg > 0.0 && std::isfinite(ot_reg), "pgs_select: ot_reg must be finite and > 0, got ",
-                    ot_reg);
+  // The key is computed in double, but every fp32 backend must hold w_e.
+  TORCH_CHECK_VALUE(edge_weight >= 0.0 && edge_weight <= std::numeric_limits<float>::max(),
+                    "pgs_select: edge_weight must be in [0, ", std::numeric_limits<float>::max(),
+                    "] (finite in fp32), got ", edge_weight);
+  // Below 1e-4, fp32 Sinkhorn no longer holds the plan to the contract's accuracy.
+  TORCH_CHECK_VALUE(ot_reg >= kMinOtReg && std::isfinite(ot_reg), "pgs_select: ot_reg must be finite and >= ",
+                    kMinOtReg, ", got ", ot_reg);
   TORCH_CHECK_VALUE(ot_iters >= 1, "pgs_select: ot_iters must be >= 1, got ", ot_iters);
-  TORCH_CHECK_VALUE(!std::isnan(sim_threshold), "pgs_select: sim_threshold must not be NaN");
 
-  const bool want_tokens = token_weight > 0.0;
-  at::Tensor tokens;
-  int64_t D = 0;
-  if (want_tokens) {
-    TORCH_CHECK_VALUE(tokens_opt.has_value() && tokens_opt->defined(), "pgs_select: token_weight=",
-                      token_weight, " > 0 needs tokens, got tokens=None");
-    tokens = *tokens_opt;
-    TORCH_CHECK_VALUE(tokens.dim() == 3 && tokens.size(0) == B && tokens.size(1) == L && tokens.size(2) >= 1,
-                      "pgs_select: tokens must have shape (B, L, D) = (", B, ", ", L, ", D>=1), got ",
-                      tokens.sizes());
-    TORCH_CHECK_TYPE(at::isFloatingType(tokens.scalar_type()), "pgs_select: tokens must be floating point, got ",
-                     tokens.scalar_type());
-    TORCH_CHECK_VALUE(tokens.device().is_cpu(), "pgs_select (native): tokens must be a CPU tensor, got ",
-                      tokens.device());
-    D = tokens.size(2);
+  TORCH_CHECK_VALUE(noise.dim() == 2 && noise.size(0) == B && noise.size(1) == L,
+                    "pgs_select: noise must have shape (B, L) = (", B, ", ", L, "), got ", noise.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(noise.scalar_type()), "pgs_select: noise must be floating point, got ",
+                   dtype_name(noise.scalar_type()));
+  TORCH_CHECK_VALUE(noise.device().is_cpu(), "pgs_select: noise must be on images' device cpu, got ",
+                    noise.device());
+  const bool have_tokens = tokens.has_value() && tokens->defined();
+  if (have_tokens) {
+    const at::Tensor& t = *tokens;
+    TORCH_CHECK_VALUE(t.dim() == 3 && t.size(0) == B && t.size(1) == L && t.size(2) >= 1,
+                      "pgs_select: tokens must have shape (B, L, D) = (", B, ", ", L, ", D>=1), got ", t.sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "pgs_select: tokens must be floating point, got ",
+                     dtype_name(t.scalar_type()));
+    TORCH_CHECK_VALUE(t.device().is_cpu(), "pgs_select: tokens must be on images' device cpu, got ", t.device());
   }
+  TORCH_CHECK_VALUE(have_tokens || token_weight == 0.0, "pgs_select: token_weight=", token_weight,
+                    " > 0 needs tokens, got tokens=None");
+  return Geometry{C, H, W, P, gh, gw, L};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_select_cpu(
+    const at::Tensor& images, const std::optional<at::Tensor>& tokens_opt, const at::Tensor& noise_in,
+    int64_t patch_size, int64_t num_keep, int64_t num_candidates, double sim_threshold,
+    double token_weight, double edge_weight, bool use_ot, double ot_reg, int64_t ot_iters) {
+  const Geometry geo = check_args(images, tokens_opt, noise_in, patch_size, num_keep, num_candidates, sim_threshold,
+                                  token_weight, edge_weight, ot_reg, ot_iters);
+  const int64_t B = images.size(0), C = geo.C, H = geo.H, W = geo.W, L = geo.L;
+  const bool want_tokens = token_weight > 0.0;
+  const at::Tensor tokens = want_tokens ? *tokens_opt : at::Tensor();
+  const int64_t D = want_tokens ? tokens.size(2) : 0;
 
   const int64_t K = num_keep, k = num_candidates;
   const auto i64 = images.options().dtype(at::kLong);
@@ -160,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_selec
   // .to and .contiguous return the tensor itself when nothing is to be done.
   const at::Tensor noise = noise_in.to(at::kFloat).contiguous();
   Params prm{};
-  prm.g = Geometry{C, H, W, P, gh, gw, L};
+  prm.g = geo;
   prm.K = K, prm.k = k, prm.D = D, prm.T = ot_iters;
   prm.theta = static_cast<float>(sim_threshold);
   prm.alpha = static_cast<float>(token_weight);

@@ -378,42 +378,98 @@ def test_opcheck():
     del L
 
 
+RAW_ARGS = ["images", "tokens", "noise", "patch_size", "num_keep", "num_candidates", "sim_threshold",
+            "token_weight", "edge_weight", "use_ot", "ot_reg", "ot_iters"]
+
+
+def raw_call(redispatch_cpu=False, **changes):
+    """The raw operator on valid arguments (B=2, 32x32, P=16, L=4), some
+    changed; redispatch_cpu runs the CPU kernel whatever the devices say."""
+    args = dict(zip(RAW_ARGS, (torch.randn(2, 3, 32, 32), None, torch.rand(2, 4), 16, 2, 1, 0.5, 0.0, 1.0,
+                               True, 0.05, 20)))
+    args.update(changes)
+    op = torch.ops.pgs_kernels.pgs_select.default
+    if redispatch_cpu:
+        return op.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args.values())
+    return op(*args.values())
+
+
+FP32_MAX = torch.finfo(torch.float32).max
+
+# (argument changes, error, pattern of the message: the argument, and what was given)
+BAD_RAW_ARGS = [
+    (dict(images=torch.randn(3, 32, 32)), ValueError, r"images must have shape \(B, C, H, W\), got 3 dims"),
+    (dict(images=torch.randn(2, 3, 32, 32).to(torch.int32)), TypeError, "images must be one of .*got int32"),
+    (dict(images=torch.randn(2, 3, 32, 32, dtype=torch.float64)), TypeError, "images must be one of .*got float64"),
+    (dict(images=torch.randn(2, 0, 32, 32)), ValueError, "images must have at least one channel, got C=0"),
+    (dict(images=torch.randn(2, 3, 33, 32)), ValueError, "H=33 is not divisible by patch_size=16"),
+    (dict(images=torch.randn(2, 3, 32, 40)), ValueError, "W=40 is not divisible by patch_size=16"),
+    (dict(images=torch.randn(2, 3, 0, 32), noise=torch.rand(2, 0)), ValueError, "H=0, W=32 hold no 16x16 patch"),
+    (dict(patch_size=0), ValueError, "patch_size must be >= 1, got 0"),
+    (dict(noise=torch.rand(2, 5)), ValueError, r"noise must have shape \(B, L\) = \(2, 4\), got \[2, 5\]"),
+    (dict(noise=torch.rand(4)), ValueError, "noise must have shape"),
+    (dict(noise=torch.zeros(2, 4, dtype=torch.int64)), TypeError, "noise must be floating point, got int64"),
+    (dict(num_keep=0), ValueError, r"num_keep must be in \[1, L=4\], got 0"),
+    (dict(num_keep=5), ValueError, r"num_keep must be in \[1, L=4\], got 5"),
+    (dict(num_candidates=-1), ValueError, r"num_candidates must be in \[0, L=4\], got -1"),
+    (dict(num_candidates=5), ValueError, r"num_candidates must be in \[0, L=4\], got 5"),
+    (dict(sim_threshold=float("nan")), ValueError, "sim_threshold must not be NaN"),
+    (dict(token_weight=-0.1), ValueError, r"token_weight must be in \[0, 1\], got -0.1"),
+    (dict(token_weight=1.5, tokens=torch.randn(2, 4, 8)), ValueError, r"token_weight must be in \[0, 1\], got 1.5"),
+    (dict(token_weight=float("nan")), ValueError, "token_weight must be in"),
+    (dict(token_weight=0.5), ValueError, "token_weight=0.5 > 0 needs tokens, got tokens=None"),
+    (dict(tokens=torch.randn(2, 5, 8), token_weight=0.5), ValueError,
+     r"tokens must have shape \(B, L, D\) = \(2, 4, D>=1\), got \[2, 5, 8\]"),
+    (dict(tokens=torch.randn(2, 4, 0), token_weight=0.5), ValueError, "tokens must have shape"),
+    (dict(tokens=torch.randn(2, 4, 8)[0]), ValueError, "tokens must have shape"),
+    (dict(tokens=torch.zeros(2, 4, 8, dtype=torch.int32), token_weight=0.5), TypeError,
+     "tokens must be floating point, got int32"),
+    (dict(edge_weight=-1.0), ValueError, r"edge_weight must be in \[0, .*\] \(finite in fp32\), got -1"),
+    (dict(edge_weight=float("inf")), ValueError, "edge_weight must be in .*got inf"),
+    (dict(edge_weight=float("nan")), ValueError, "edge_weight must be in .*got nan"),
+    (dict(edge_weight=1e39), ValueError, "edge_weight must be in .*got 1e\\+39"),
+    (dict(ot_reg=0.0), ValueError, "ot_reg must be finite and >= 0.0001, got 0"),
+    (dict(ot_reg=-1.0), ValueError, "ot_reg must be finite and >= 0.0001, got -1"),
+    (dict(ot_reg=5e-5), ValueError, "ot_reg must be finite and >= 0.0001, got 5e-05"),
+    (dict(ot_reg=float("inf")), ValueError, "ot_reg must be finite and >= 0.0001, got inf"),
+    (dict(ot_reg=float("nan")), ValueError, "ot_reg must be finite"),
+    (dict(ot_iters=0), ValueError, "ot_iters must be >= 1, got 0"),
+]
+
+
 @needs_native
-def test_direct_call_checks_its_arguments():
-    op = torch.ops.pgs_kernels.pgs_select
-    x = torch.randn(2, 3, 32, 32)
-    u = torch.rand(2, 4)
-    ok = (x, None, u, 16, 2, 1, 0.5, 0.0, 1.0, True, 0.05, 20)
+@pytest.mark.parametrize("changes, error, pattern", BAD_RAW_ARGS,
+                         ids=[f"{next(iter(c))}-{i}" for i, (c, _, _) in enumerate(BAD_RAW_ARGS)])
+def test_raw_operator_checks_its_arguments(changes, error, pattern):
+    with pytest.raises(error, match=pattern):
+        raw_call(**changes)
 
-    def call(**changes):
-        names = ["images", "tokens", "noise", "patch_size", "num_keep", "num_candidates", "sim_threshold",
-                 "token_weight", "edge_weight", "use_ot", "ot_reg", "ot_iters"]
-        args = list(ok)
-        for k, v in changes.items():
-            args[names.index(k)] = v
-        return op(*args)
 
-    call()
-    with pytest.raises(ValueError, match="divisible"):
-        call(images=torch.randn(2, 3, 33, 32))
-    with pytest.raises(ValueError, match="images"):
-        call(images=torch.randn(3, 32, 32))
-    with pytest.raises(TypeError, match="images"):
-        call(images=x.to(torch.int32))
-    with pytest.raises(ValueError, match="noise"):
-        call(noise=torch.rand(2, 5))
-    with pytest.raises(ValueError, match="needs tokens"):
-        call(token_weight=0.5)
-    with pytest.raises(ValueError, match="tokens"):
-        call(tokens=torch.randn(2, 5, 8), token_weight=0.5)
-    with pytest.raises(ValueError, match="num_keep"):
-        call(num_keep=5)
-    with pytest.raises(ValueError, match="num_candidates"):
-        call(num_candidates=-1)
-    with pytest.raises(ValueError, match="ot_reg"):
-        call(ot_reg=0.0)
-    with pytest.raises(ValueError, match="ot_iters"):
-        call(ot_iters=0)
+@needs_native
+@pytest.mark.parametrize("name", ["images", "noise", "tokens"])
+def test_raw_cpu_kernel_checks_devices(name):
+    """A tensor on another device never reaches the CPU kernel through the
+    dispatcher (the other device's kernel wins); called directly, the kernel
+    says which argument is where."""
+    args = dict(images=torch.randn(2, 3, 32, 32), tokens=torch.randn(2, 4, 8), noise=torch.rand(2, 4),
+                token_weight=0.5)
+    args[name] = args[name].to("meta")
+    with pytest.raises(ValueError, match=f"{name} must be on .*got meta"):
+        raw_call(redispatch_cpu=True, **args)
+
+
+@needs_native
+def test_raw_operator_accepts_the_edges_of_every_range():
+    L = 4
+    for changes in (dict(num_keep=L, num_candidates=L), dict(num_keep=1, num_candidates=0),
+                    dict(token_weight=1.0, tokens=torch.randn(2, L, 8, dtype=torch.float64)),
+                    dict(noise=torch.rand(2, L, dtype=torch.float64), images=torch.randn(2, 3, 32, 32).half()),
+                    dict(images=torch.randn(2, 3, 32, 32).bfloat16(), edge_weight=FP32_MAX),
+                    dict(edge_weight=0.0, ot_reg=1e-4, ot_iters=1), dict(sim_threshold=float("inf")),
+                    dict(tokens=torch.randn(2, 5, 8)[:, :L], token_weight=0.25)):
+        keep, mask, edge, cand, red = raw_call(**changes)
+        K = changes.get("num_keep", 2)
+        assert keep.shape == (2, K) and mask.shape == (2, L) and int(mask.sum()) == 2 * (L - K)
 
 
 # --------------------------------------------------------------------------- fallback
