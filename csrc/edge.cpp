@@ -14,32 +14,48 @@
 namespace pgs {
 namespace {
 
-// Channel sum of image row y (c = 0 first). The Sobel is linear, so the
-// channel mean's Sobel is this row's divided by C, which is done once per
-// patch sum instead of once per pixel.
+// Channel mean of image row y: the channel sum (c = 0 first) times 1/C. The
+// mean rather than the sum keeps the Sobel within fp32 for pixels C times
+// larger (the sum's gradient would square to inf from |pixel| ~ 1e18 / C).
 template <int VW>
-PGS_INL void sum_row(const ImageIn& in, const Geometry& g, int64_t y, float* __restrict dst) {
+PGS_INL void mean_row(const ImageIn& in, const Geometry& g, float inv_c, int64_t y, float* __restrict dst) {
   using F = typename VT<VW>::F;
   const int64_t W = g.W, nv = W / VW * VW, sc = in.channel_stride;
   const float* src = in.pixels + y * in.row_stride;
+  if (g.C == 1) {
+    std::copy(src, src + W, dst);
+    return;
+  }
   if (g.C == 3) {
     const float *s1 = src + sc, *s2 = src + 2 * sc;
     for (int64_t x = 0; x < nv; x += VW) {
-      vstore(dst + x, (vload<F>(src + x) + vload<F>(s1 + x)) + vload<F>(s2 + x));
+      vstore(dst + x, ((vload<F>(src + x) + vload<F>(s1 + x)) + vload<F>(s2 + x)) * inv_c);
     }
-    for (int64_t x = nv; x < W; ++x) dst[x] = (src[x] + s1[x]) + s2[x];
+    for (int64_t x = nv; x < W; ++x) dst[x] = ((src[x] + s1[x]) + s2[x]) * inv_c;
     return;
   }
   for (int64_t x = 0; x < nv; x += VW) vstore(dst + x, vload<F>(src + x));
   for (int64_t x = nv; x < W; ++x) dst[x] = src[x];
-  for (int64_t c = 1; c < g.C; ++c) {
+  for (int64_t c = 1; c + 1 < g.C; ++c) {
     const float* s = src + c * sc;
     for (int64_t x = 0; x < nv; x += VW) vstore(dst + x, vload<F>(dst + x) + vload<F>(s + x));
     for (int64_t x = nv; x < W; ++x) dst[x] += s[x];
   }
+  const float* s = src + (g.C - 1) * sc;
+  for (int64_t x = 0; x < nv; x += VW) vstore(dst + x, (vload<F>(dst + x) + vload<F>(s + x)) * inv_c);
+  for (int64_t x = nv; x < W; ++x) dst[x] = (dst[x] + s[x]) * inv_c;
 }
 
-// Sobel magnitude of the channel sum, summed per patch. The channel-sum rows
+// v0's channel mean, computed as mean_row computes a pixel's: a constant
+// patch's row mean minus this is exactly zero.
+PGS_INL float mean_of_equal(float v0, int64_t C, float inv_c) {
+  if (C == 1) return v0;
+  float sum = v0;
+  for (int64_t c = 1; c < C; ++c) sum += v0;
+  return sum * inv_c;
+}
+
+// Sobel magnitude of the channel mean, summed per patch. The channel-mean rows
 // live in a ring of three, so the image is read once and no mean image is
 // stored. The Sobel is separable: V = up + 2 mid + down gives
 // Gx(x) = V(x+1) - V(x-1); D = down - up gives Gy(x) = D(x-1) + 2 D(x) + D(x+1);
@@ -52,11 +68,12 @@ PGS_INL void edge_pass(const Geometry& g, const ImageIn& in, const Workspace& ws
   using F = typename VT<VW>::F;
   const int64_t H = g.H, W = g.W, P = g.P, gw = g.gw, nv = W / VW * VW;
   const int64_t rs = W + 2;  // ring row stride
-  float* ring = ws.sum_rows;
+  float* ring = ws.mean_rows;
+  const float inv_c = static_cast<float>(1.0 / static_cast<double>(g.C));
   float* __restrict band = ws.band_sobel;
   auto fill = [&](int64_t y) {
     float* row = ring + (y % 3) * rs;
-    sum_row<VW>(in, g, y, row + 1);
+    mean_row<VW>(in, g, inv_c, y, row + 1);
     row[0] = row[1];
     row[W + 1] = row[W];
   };
@@ -86,25 +103,23 @@ PGS_INL void edge_pass(const Geometry& g, const ImageIn& in, const Workspace& ws
     // With patch_means (P % VW == 0): mean(x_j - v0_j) of every patch j, for
     // the similarity sweep's centering, while the row is in L1; v0_j is the
     // patch's first pixel (channel 0). One vector per patch column
-    // accumulates over the band's rows and channels.
+    // accumulates over the band's rows.
     if (patch_means) {
-      // sum_c (x_c - v0) = (channel sum) - C v0, from the ring row already at
-      // hand instead of C image rows. C v0 is added up in sum_row's order, so a
-      // constant patch still gives exactly zero.
+      // mean_c (x_c - v0) = (channel mean) - v0, from the ring row already at
+      // hand instead of C image rows; v0's mean is taken as the ring's are,
+      // so a constant patch still gives exactly zero.
       const float* v0_row = in.pixels + (y / P) * P * in.row_stride;
       float* sums = ws.shifted_sums;
       if (first) std::fill(sums, sums + gw * VW, 0.0f);
-      const float* ysum = mid + 1;
+      const float* ymean = mid + 1;
       for (int64_t pc = 0; pc < gw; ++pc) {
-        const float v0 = v0_row[pc * P];
-        float cv0 = v0;
-        for (int64_t c = 1; c < g.C; ++c) cv0 += v0;
+        const float v0_mean = mean_of_equal(v0_row[pc * P], g.C, inv_c);
         F a = vload<F>(sums + pc * VW);
-        for (int64_t t = 0; t < P; t += VW) a += vload<F>(ysum + pc * P + t) - cv0;
+        for (int64_t t = 0; t < P; t += VW) a += vload<F>(ymean + pc * P + t) - v0_mean;
         vstore(sums + pc * VW, a);
       }
       if (y % P == P - 1) {
-        const float dim = static_cast<float>(g.C * P * P);
+        const float dim = static_cast<float>(P * P);
         for (int64_t pc = 0; pc < gw; ++pc) {
           ws.patch_mean[(y / P) * gw + pc] = hsum<VW>(vload<F>(sums + pc * VW)) / dim;
         }

@@ -26,10 +26,10 @@ void process_image(const Kernels& kn, const Params& prm, const ImageIn& in, cons
   const int64_t L = g.L, k = prm.k, K = prm.K;
   const int64_t Lp = (L + kn.width - 1) / kn.width * kn.width;
 
-  // Step 1: edge energy. e_j is the Sobel sum of the channel sum over C P^2.
+  // Step 1: edge energy, e_j = (Sobel sum over patch j) / P^2.
   const bool patch_direct = prm.want_pixels && k > 0 && g.P % kn.width == 0;
   kn.edge_pass(g, in, ws, patch_direct);
-  const double inv_count = 1.0 / (static_cast<double>(g.C) * static_cast<double>(g.P * g.P));
+  const double inv_count = 1.0 / static_cast<double>(g.P * g.P);
   const double* sobel_sum = ws.sobel_sum;
   double lo = std::numeric_limits<double>::infinity(), hi = -lo;
   bool any_nan = false;

@@ -67,7 +67,7 @@ Workspace make_workspace(const Params& prm, int64_t sc, int64_t sy, Arena& arena
   const int64_t L = g.L, k = std::max<int64_t>(prm.k, 1), Lp = pad(L), kp = pad(prm.k);
   const int64_t dpad = pad(g.C * g.P * g.P);
   Workspace ws{};
-  ws.sum_rows = arena.take<float>(3 * (g.W + 2));
+  ws.mean_rows = arena.take<float>(3 * (g.W + 2));
   ws.band_sobel = arena.take<float>(g.W);
   ws.shifted_sums = arena.take<float>(g.gw * kMaxWidth);
   ws.patch_mean = arena.take<float>(L);
@@ -90,7 +90,7 @@ Workspace make_workspace(const Params& prm, int64_t sc, int64_t sy, Arena& arena
   ws.inv_pixel_norm = arena.take<float>(L);
   ws.inv_token_norm = arena.take<float>(L);
   ws.sim = arena.take<float>(k * Lp);
-  ws.sinkhorn_work = arena.take<float>(prm.k * Lp + 3 * kp + 2 * Lp + kMaxWidth);
+  ws.sinkhorn_work = arena.take<float>(2 * prm.k * Lp + 4 * kp + 3 * Lp);
   return ws;
 }
 

@@ -59,7 +59,7 @@ struct ImageOut {
 // rounded up to the running variant's vector width, dpad likewise C P^2.
 struct Workspace {
   // Step 1.
-  float* sum_rows;        // 3 (W + 2): ring of channel-sum rows, one replicated pixel either side
+  float* mean_rows;       // 3 (W + 2): ring of channel-mean rows, one replicated pixel either side
   float* band_sobel;      // W: G summed per column over the pixel rows of one patch row
   float* shifted_sums;    // gw kMaxWidth: per patch column of a band, lane sums of x - v0_j
   float* patch_mean;      // L: mean(x_j - v0_j), v0_j the patch's first pixel
@@ -80,11 +80,11 @@ struct Workspace {
   float* inv_token_norm;  // L: 1 / (|t_j| + 1e-6)
   float* sim;             // k Lp: S, zero past L
   // Step 4.
-  float* sinkhorn_work;   // k Lp + 3 kp + 2 Lp + kMaxWidth floats, kp = k rounded up
+  float* sinkhorn_work;   // 2 k Lp + 4 kp + 3 Lp floats, kp = k rounded up
 };
 
 // Step 1: ws.sobel_sum[j] = sum over patch j of the Sobel magnitude of the
-// channel sum; with patch_means also ws.patch_mean.
+// channel mean; with patch_means also ws.patch_mean.
 using EdgePassFn = void (*)(const Geometry& g, const ImageIn& in, const Workspace& ws, bool patch_means);
 
 // Step 3: ws.sim (k x Lp) = S for the candidates cand; patch_direct (the

@@ -33,6 +33,7 @@ template <int VW>
 struct VT {
   typedef float F __attribute__((vector_size(VW * sizeof(float))));
   typedef int32_t I __attribute__((vector_size(VW * sizeof(float))));
+  typedef double D __attribute__((vector_size(VW * sizeof(double))));  // VW doubles
 };
 
 template <class V>
@@ -44,6 +45,18 @@ PGS_INL V vload(const float* p) {
 
 template <class V>
 PGS_INL void vstore(float* p, V v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+template <class V>
+PGS_INL V vloadd(const double* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <class V>
+PGS_INL void vstored(double* p, V v) {
   std::memcpy(p, &v, sizeof v);
 }
 

@@ -11,6 +11,8 @@
 // candidate's norm is the one its own row got in the sweep.
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <type_traits>
 
 #include "pgs.h"
@@ -289,8 +291,19 @@ PGS_INL void for_row_groups(int64_t L, const Fn& fn) {
   for (; j0 < L; ++j0) fn(std::integral_constant<int, 1>{}, j0);
 }
 
+// 1 / (|v| + 1e-6) from q = |v|^2; 0 where q overflowed to inf.
 PGS_INL float inverse_norm(float q) {
   return static_cast<float>(1.0 / (std::sqrt(static_cast<double>(q)) + kEps));
+}
+
+// <v_i / (|v_i| + 1e-6), v_j / (|v_j| + 1e-6)> from the raw dot product d and
+// the inverse norms c_i, c_j. (c_i d) c_j stays within fp32 wherever the
+// norms do (|c_i d| <= |v_j|), where c_i c_j would underflow from norms of
+// ~1e19. A vector whose squared norm overflowed (c = 0) counts as zero, as
+// v / (|v| + 1e-6) with |v| = inf makes it in fp32, so d's inf or NaN does
+// not come through; a NaN c still does (c_i c_j).
+PGS_INL float cosine(float ci, float d, float cj) {
+  return (ci == 0.0f || cj == 0.0f) ? ci * cj : (ci * d) * cj;
 }
 
 // Into L2 (prefetcht1): the lines of n floats at p.
@@ -365,6 +378,15 @@ PGS_INL void similarity(const Params& prm, const ImageIn& in, const int64_t* can
       sweep_dots<VW, NR>(s, ws.panel, k, Dpad, ws.token_dots, Lp, j0, q);
       for (int r = 0; r < NR; ++r) ws.inv_token_norm[j0 + r] = inverse_norm(q[r]);
     });
+    // A token with an infinite element has |t| = inf too, but t / |t| holds
+    // inf / inf = NaN, which the contract carries into S: not a zero vector.
+    for (int64_t j = 0; j < L; ++j) {
+      if (ws.inv_token_norm[j] != 0.0f) continue;
+      const float* t = in.tokens + j * in.token_stride;
+      if (std::any_of(t, t + D, [](float v) { return std::isinf(v); })) {
+        ws.inv_token_norm[j] = std::numeric_limits<float>::quiet_NaN();
+      }
+    }
   }
   const float* inv_p = ws.inv_pixel_norm;
   const float* inv_t = ws.inv_token_norm;
@@ -374,15 +396,15 @@ PGS_INL void similarity(const Params& prm, const ImageIn& in, const int64_t* can
     if (prm.want_pixels) {
       const float ci = inv_p[cand[i]];
       const float* dots = ws.pixel_dots + i * Lp;
-      for (int64_t j = 0; j < L; ++j) row[j] = wp * (ci * inv_p[j]) * dots[j];
+      for (int64_t j = 0; j < L; ++j) row[j] = wp * cosine(ci, dots[j], inv_p[j]);
     }
     if (prm.want_tokens) {
       const float ci = inv_t[cand[i]];
       const float* dots = ws.token_dots + i * Lp;
       if (prm.want_pixels) {
-        for (int64_t j = 0; j < L; ++j) row[j] = row[j] + wt * (ci * inv_t[j]) * dots[j];
+        for (int64_t j = 0; j < L; ++j) row[j] = row[j] + wt * cosine(ci, dots[j], inv_t[j]);
       } else {
-        for (int64_t j = 0; j < L; ++j) row[j] = wt * (ci * inv_t[j]) * dots[j];
+        for (int64_t j = 0; j < L; ++j) row[j] = wt * cosine(ci, dots[j], inv_t[j]);
       }
     }
     for (int64_t j = L; j < Lp; ++j) row[j] = 0.0f;

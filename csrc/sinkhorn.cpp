@@ -115,75 +115,111 @@ PGS_INL bool sinkhorn_scaling(const float* S, int64_t k, int64_t L, int64_t Lp, 
 }
 
 // Log-domain Sinkhorn (exactly T iterations, f then g) and r_j = L sum_i Pi_ij S_ij.
+// f and g grow like 1/eps (1e4 at eps = 1e-4): held in fp32 they would be
+// rounded by ~1e-3 in every iteration, which over hundreds of iterations moves
+// r by 1e-3. So they are held in double, and every iteration forms the log
+// plan LP_ij = Z_ij + f_i + g_j afresh in double, rounded to fp32 only once
+// it is small where it carries mass (O(log kL)); the logsumexp runs on LP in
+// fp32, and the g step sees the f step's change added to LP in fp32:
+//   f step: f_i += log_a - logsumexp_j LP_ij      (from f = g = 0)
+//   g step: g_j += log_b - logsumexp_i LP_ij
 // S: k x Lp (Lp a multiple of VW, padding zero). Z's padding is -inf, so it
 // adds nothing to the f sums; g's padding is held at 0 so that -inf + g stays
-// -inf. work: k*Lp + 3*kp + 2*Lp floats, kp = k rounded up to VW.
+// -inf. work: 2 k Lp + 4 kp + 3 Lp floats, kp = k rounded up to VW, 64-byte
+// aligned.
 template <int VW>
-PGS_INL void sinkhorn_redundancy(const float* S, int64_t k, int64_t L, int64_t Lp, float eps, int64_t T,
+PGS_INL void sinkhorn_log_domain(const float* S, int64_t k, int64_t L, int64_t Lp, float eps, int64_t T,
                                  float* r, float* work) {
-  if (sinkhorn_scaling<VW>(S, k, L, Lp, eps, T, r, work)) return;
   using F = typename VT<VW>::F;
+  using I = typename VT<VW>::I;
+  using D = typename VT<VW>::D;
   const int64_t kp = round_up<VW>(k);
-  float* Z = work;
-  float* f = Z + k * Lp;   // kp
-  float* fs = f + kp;      // kp: per-row sums, then shifts
-  float* g = fs + kp;      // Lp
-  float* cs = g + Lp;      // Lp
-  float* shv = cs + Lp;    // kp
+  double* f = reinterpret_cast<double*>(work);  // kp
+  double* g = f + kp;                           // Lp
+  float* Z = reinterpret_cast<float*>(g + Lp);  // k x Lp
+  float* LP = Z + k * Lp;                       // k x Lp
+  float* row_step = LP + k * Lp;                // kp: per row, sum of exp(LP - shift), then the f step
+  float* row_shift = row_step + kp;             // kp
+  float* col_r = row_shift + kp;                // Lp
   for (int64_t i = 0; i < k; ++i) {
     for (int64_t j = 0; j < L; ++j) Z[i * Lp + j] = S[i * Lp + j] / eps;
     for (int64_t j = L; j < Lp; ++j) Z[i * Lp + j] = -kInf;
   }
   const float log_a = static_cast<float>(-std::log(static_cast<double>(k)));
   const float log_b = static_cast<float>(-std::log(static_cast<double>(L)));
-  for (int64_t j = 0; j < Lp; ++j) g[j] = 0.0f;
-  for (int64_t i = k; i < kp; ++i) fs[i] = 1.0f, shv[i] = 0.0f;
+  std::fill(f, f + kp, 0.0);
+  std::fill(g, g + Lp, 0.0);
+  for (int64_t i = k; i < kp; ++i) row_step[i] = 1.0f, row_shift[i] = 0.0f;
+  const auto last = lanes_below<VW>(L - (Lp - VW));  // valid lanes of the last vector
+  // LP_ij for the VW columns from j on, stored; the f_i + g_j are added in double.
+  auto log_plan = [&](int64_t i, int64_t j) PGS_INL_LAMBDA {
+    const D fg = vloadd<D>(g + j) + f[i];
+    const F lp = __builtin_convertvector(__builtin_convertvector(vload<F>(Z + i * Lp + j), D) + fg, F);
+    vstore(LP + i * Lp + j, lp);
+    return lp;
+  };
 
   for (int64_t it = 0; it < T; ++it) {
-    // f_i = log_a - logsumexp_j (Z_ij + g_j)
+    // f_i += log_a - logsumexp_j LP_ij
     for (int64_t i = 0; i < k; ++i) {
-      const float* z = Z + i * Lp;
+      const float* row = LP + i * Lp;
       F mv = F{} - kInf;
       for (int64_t j = 0; j < Lp; j += VW) {
-        const F v = vload<F>(z + j) + vload<F>(g + j);
+        const F v = log_plan(i, j);
         mv = mv < v ? v : mv;
       }
       float m = -kInf;
       for (int l = 0; l < VW; ++l) m = m < mv[l] ? mv[l] : m;
       const float sh = std::isinf(m) ? 0.0f : m;
       F sv{};
-      for (int64_t j = 0; j < Lp; j += VW) sv += vexp<VW>((vload<F>(z + j) + vload<F>(g + j)) - sh);
-      fs[i] = hsum<VW>(sv);
-      shv[i] = sh;
+      for (int64_t j = 0; j < Lp; j += VW) sv += vexp<VW>(vload<F>(row + j) - sh);
+      row_step[i] = hsum<VW>(sv);
+      row_shift[i] = sh;
     }
     for (int64_t i = 0; i < kp; i += VW) {
-      vstore(f + i, log_a - (vload<F>(shv + i) + vlog<VW>(vload<F>(fs + i))));
+      const F step = log_a - (vload<F>(row_shift + i) + vlog<VW>(vload<F>(row_step + i)));
+      vstore(row_step + i, step);
+      for (int l = 0; l < VW && i + l < k; ++l) f[i + l] += static_cast<double>(step[l]);
     }
-    // g_j = log_b - logsumexp_i (Z_ij + f_i)
+    // g_j += log_b - logsumexp_i LP_ij
     for (int64_t j = 0; j < Lp; j += VW) {
       F m = F{} - kInf;
       for (int64_t i = 0; i < k; ++i) {
-        const F v = vload<F>(Z + i * Lp + j) + f[i];
+        const F v = vload<F>(LP + i * Lp + j) + row_step[i];
+        vstore(LP + i * Lp + j, v);
         m = v > m ? v : m;
       }
       m = vshift<VW>(m);
       F s{};
-      for (int64_t i = 0; i < k; ++i) s += vexp<VW>((vload<F>(Z + i * Lp + j) + f[i]) - m);
-      vstore(g + j, log_b - (m + vlog<VW>(s)));
+      for (int64_t i = 0; i < k; ++i) s += vexp<VW>(vload<F>(LP + i * Lp + j) - m);
+      const auto valid = j + VW < Lp ? (I{} - 1) : last;
+      const F step = valid ? log_b - (m + vlog<VW>(s)) : F{};
+      vstored(g + j, vloadd<D>(g + j) + __builtin_convertvector(step, D));
     }
-    for (int64_t j = L; j < Lp; ++j) g[j] = 0.0f;
   }
 
-  const float Lf = static_cast<float>(L);
+  // After the g step L sum_i Pi_ij = 1, so r_j = sum_i Pi_ij S_ij / sum_i Pi_ij;
+  // dividing by the column's mass as computed cancels the rounding its
+  // entries share.
   for (int64_t j = 0; j < Lp; j += VW) {
-    const F gj = vload<F>(g + j);
-    F acc{};
+    F acc{}, mass{};
     for (int64_t i = 0; i < k; ++i) {
-      acc += vexp<VW>((vload<F>(Z + i * Lp + j) + f[i]) + gj) * vload<F>(S + i * Lp + j);
+      const F p = vexp<VW>(log_plan(i, j));
+      acc += p * vload<F>(S + i * Lp + j);
+      mass += p;
     }
-    vstore(cs + j, acc * Lf);
+    vstore(col_r + j, acc / mass);
   }
-  for (int64_t j = 0; j < L; ++j) r[j] = cs[j];
+  for (int64_t j = 0; j < L; ++j) r[j] = col_r[j];
+}
+
+// r_j = L sum_i Pi_ij S_ij after T Sinkhorn iterations: the scaling form where
+// fp32 holds it, else the log domain.
+template <int VW>
+PGS_INL void sinkhorn_redundancy(const float* S, int64_t k, int64_t L, int64_t Lp, float eps, int64_t T,
+                                 float* r, float* work) {
+  if (sinkhorn_scaling<VW>(S, k, L, Lp, eps, T, r, work)) return;
+  sinkhorn_log_domain<VW>(S, k, L, Lp, eps, T, r, work);
 }
 
 template <int VW>

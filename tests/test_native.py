@@ -307,6 +307,126 @@ def test_empty_batch_and_extreme_counts():
     del L
 
 
+# --------------------------------------------------------------------------- numerical range
+
+FP32_MAX = torch.finfo(torch.float32).max
+
+
+def run_reference_fp32(images, tokens, noise, **kw):
+    return python_ref.pgs_select(images, tokens, noise=noise, return_scores=True, dtype=torch.float32, **kw)
+
+
+def clear_of_fp32_overflow(x, margin=1.25):
+    """No value of ``x`` (fp64) within ``margin`` of fp32's largest, where two
+    fp32 evaluations that round differently could disagree on overflow."""
+    x = x.abs()
+    return bool(((x < FP32_MAX / margin) | (x > FP32_MAX * margin) | torch.isnan(x)).all())
+
+
+def signed_images(B, C, H, W, P, scale, seed):
+    """Pixels of +-scale, independent: every Sobel term is at most 8 scale and
+    every patch's centered squared norm close to C P^2 scale^2, so which of
+    them overflow fp32 is clear-cut. Patch 1 repeats patch 0 (similarity 1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randint(0, 2, (B, C, H, W), generator=g) * 2 - 1).float() * scale
+    x[:, :, :P, P : 2 * P] = x[:, :, :P, :P]
+    return x
+
+
+def assert_matches_fp32_reference(images, tokens, noise, **kw):
+    """Native against the fp32 reference beyond the contract's range: the
+    invariants always, NaN where the reference has NaN, scores where both are
+    finite, selections on the rows decided by more than the tolerance."""
+    B, _, H, W = images.shape
+    P = kw.get("patch_size", 16)
+    L = (H // P) * (W // P)
+    K, _, k = pgs_kernels.pgs_counts(L, kw.get("mask_ratio", 0.5), kw.get("candidate_ratio", 0.05))
+    nat = run_native(images, tokens, noise, **kw)
+    ref = run_reference_fp32(images, tokens, noise, **kw)
+    assert_valid_selection(nat, B, L, K)
+    assert torch.equal(torch.isnan(nat.edge), torch.isnan(ref.edge))
+    finite = torch.isfinite(ref.edge)
+    torch.testing.assert_close(nat.edge[finite], ref.edge[finite], atol=TOL, rtol=0)
+    # A NaN edge row makes every key +inf: candidates in index order.
+    nan_rows = torch.isnan(ref.edge).all(dim=1)
+    assert torch.equal(nat.candidates[nan_rows], torch.arange(k).expand(int(nan_rows.sum()), k))
+    same = (nat.candidates == ref.candidates).all(dim=1)
+    assert torch.equal(torch.isnan(nat.redundancy[same]), torch.isnan(ref.redundancy[same]))
+    both = same[:, None] & torch.isfinite(ref.redundancy)
+    torch.testing.assert_close(nat.redundancy[both], ref.redundancy[both], atol=TOL, rtol=0)
+    theta = kw.get("sim_threshold", 0.5)
+    stable = stable_rows(ref, noise, kw.get("edge_weight", 1.0), K, theta)
+    # Rows of equal keys are decided by index, so they are stable unless r is near θ.
+    stable |= nan_rows & ~((ref.redundancy.double() - theta).abs() <= TOL).any(dim=1)
+    for name in ("candidates", "keep_idx", "mask"):
+        assert torch.equal(getattr(nat, name)[stable], getattr(ref, name)[stable]), name
+    return nat, ref
+
+
+@needs_native
+@pytest.mark.parametrize("C, P", [(3, 8), (3, 16), (64, 8)])
+@pytest.mark.parametrize("scale", [1e15, 1e18, 1e20])
+def test_large_pixels_match_fp32_reference(scale, C, P):
+    """The Sobel runs on the channel mean, as the contract says, so it holds in
+    fp32 up to |pixel| ~ 1e18 whatever C; past that both give a NaN edge row.
+    A patch whose squared norm overflows is a zero vector in both (at 1e18:
+    none for C P^2 = 192, all for 768 and 4096)."""
+    images = signed_images(3, C, 64, 64, P, scale, seed=C + P)
+    x = patchify(images.double(), P)
+    sq_norms = ((x - x.mean(dim=2, keepdim=True)) ** 2).sum(dim=2)
+    assert clear_of_fp32_overflow(sq_norms)
+    sobel_sq_bound = 2 * (8 * scale) ** 2  # Gx^2 + Gy^2 for |Y| <= scale
+    assert scale > 1e18 or sobel_sq_bound < FP32_MAX / 1.25
+    L = (64 // P) ** 2
+    noise = rand_noise(3, L, seed=C)
+    for kw in (dict(), dict(use_ot=False, sim_threshold=0.2)):
+        nat, ref = assert_matches_fp32_reference(images, None, noise, patch_size=P, candidate_ratio=0.25, **kw)
+        if scale <= 1e18:
+            assert torch.isfinite(nat.edge).all() and torch.isfinite(nat.redundancy).all()
+        else:
+            assert torch.isnan(nat.edge).all()
+        if scale <= 1e18 and C * P * P == 192:
+            assert (nat.redundancy.abs() > 0).any()
+
+
+@needs_native
+@pytest.mark.parametrize("norm", [1e15, 1e19, 1e21, "mixed", "inf_element"])
+def test_large_tokens_match_fp32_reference(norm):
+    """Token norms up to ~1.8e19 (fp32's sqrt of its largest) agree with the
+    fp32 reference; a token whose squared norm overflows is a zero vector
+    (zero similarity, no NaN), and one with an infinite element is NaN, as
+    t / (|t| + 1e-6) makes them."""
+    images, tokens, noise = make_inputs(6, 3, 3, 64, 64, 16, torch.float32, "contiguous", "fp32")
+    unit = tokens / tokens.norm(dim=2, keepdim=True)
+    if norm == "mixed":  # every other token overflows
+        tokens = unit * torch.tensor([1.0, 1e21]).repeat(8)[None, :, None]
+    elif norm == "inf_element":
+        tokens = unit.clone()
+        tokens[1, 5, 3] = float("inf")
+    else:
+        tokens = unit * norm
+    for tw in (0.5, 1.0):
+        nat, ref = assert_matches_fp32_reference(images, tokens, noise, candidate_ratio=0.25, token_weight=tw)
+        if norm == "inf_element":
+            assert torch.isnan(nat.redundancy[1]).all() and torch.isfinite(nat.redundancy[[0, 2]]).all()
+        else:
+            assert torch.isfinite(nat.redundancy).all()
+        if norm == 1e21 and tw == 1.0:
+            assert (nat.redundancy == 0).all()
+
+
+@needs_native
+@pytest.mark.parametrize("ot_reg", [1e-4, 3e-4, 1e-3])
+def test_small_ot_reg_matches_reference(ot_reg):
+    """Down to ot_reg = 1e-4 and up to 1000 iterations the fp32 Sinkhorn stays
+    within 1e-4 of the fp64 reference (the potentials grow like 1/ot_reg)."""
+    images, tokens, noise = make_inputs(7, 3, 3, 64, 64, 8, torch.float32, "contiguous", "fp32")
+    for ot_iters in (1, 200, 1000):
+        for tw in (0.0, 0.5):
+            compare(images, tokens, noise, patch_size=8, candidate_ratio=0.1, token_weight=tw, ot_reg=ot_reg,
+                    ot_iters=ot_iters)
+
+
 # --------------------------------------------------------------------------- threads, schema, opcheck
 
 
@@ -393,8 +513,6 @@ def raw_call(redispatch_cpu=False, **changes):
         return op.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args.values())
     return op(*args.values())
 
-
-FP32_MAX = torch.finfo(torch.float32).max
 
 # (argument changes, error, pattern of the message: the argument, and what was given)
 BAD_RAW_ARGS = [
