@@ -90,7 +90,7 @@ Workspace make_workspace(const Params& prm, int64_t sc, int64_t sy, Arena& arena
   ws.inv_pixel_norm = arena.take<float>(L);
   ws.inv_token_norm = arena.take<float>(L);
   ws.sim = arena.take<float>(k * Lp);
-  ws.sinkhorn_work = arena.take<float>(2 * prm.k * Lp + 4 * kp + 3 * Lp);
+  ws.sinkhorn_work = arena.take<float>(2 * prm.k * Lp + 5 * kp + 3 * Lp);
   return ws;
 }
 

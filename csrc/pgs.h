@@ -80,7 +80,7 @@ struct Workspace {
   float* inv_token_norm;  // L: 1 / (|t_j| + 1e-6)
   float* sim;             // k Lp: S, zero past L
   // Step 4.
-  float* sinkhorn_work;   // 2 k Lp + 4 kp + 3 Lp floats, kp = k rounded up
+  float* sinkhorn_work;   // 2 k Lp + 5 kp + 3 Lp floats, kp = k rounded up
 };
 
 // Step 1: ws.sobel_sum[j] = sum over patch j of the Sobel magnitude of the

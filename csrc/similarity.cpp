@@ -183,17 +183,17 @@ struct PanelAcc {
     }
     pa += NB * VW;
   }
-  // out[r NB + i] = <a_i, x_r>, q[r] = |x_r|^2.
-  PGS_INL void finish(float* out, float* q) const {
+  // out[r NB + i] = <a_i, x_r>, sq_norm[r] = |x_r|^2.
+  PGS_INL void finish(float* out, float* sq_norm) const {
     for (int r = 0; r < R; ++r) {
-      q[r] = hsum<VW>(sq[r]);
+      sq_norm[r] = hsum<VW>(sq[r]);
       for (int i = 0; i < NB; ++i) out[r * NB + i] = hsum<VW>(dot[r][i]);
     }
   }
 };
 
 template <int VW, int NB, int R>
-PGS_INL void panel_dots(const Contig<VW, R>& s, const float* pa, float* out, float* q) {
+PGS_INL void panel_dots(const Contig<VW, R>& s, const float* pa, float* out, float* sq_norm) {
   using F = typename VT<VW>::F;
   PanelAcc<VW, NB, R> acc(pa);
   const int64_t n = s.n, nv = n / VW * VW;
@@ -212,11 +212,11 @@ PGS_INL void panel_dots(const Contig<VW, R>& s, const float* pa, float* out, flo
     }
     acc.step(xv);
   }
-  acc.finish(out, q);
+  acc.finish(out, sq_norm);
 }
 
 template <int VW, int NB, int R>
-PGS_INL void panel_dots(const Patch<VW, R>& s, const float* pa, float* out, float* q) {
+PGS_INL void panel_dots(const Patch<VW, R>& s, const float* pa, float* out, float* sq_norm) {
   using F = typename VT<VW>::F;
   PanelAcc<VW, NB, R> acc(pa);
   F v0[R], mean[R];
@@ -252,23 +252,25 @@ PGS_INL void panel_dots(const Patch<VW, R>& s, const float* pa, float* out, floa
         for (int64_t t = 0; t < s.P; t += VW) row(s.seg[g] + t);
       }
   }
-  acc.finish(out, q);
+  acc.finish(out, sq_norm);
 }
 
-// S[i ld + j0 + r] = <a_i, x_r> for all k candidates (block by block) and the
-// R rows of s; q[r] = |x_r|^2.
+// dots[i ld + j0 + r] = <a_i, x_r> for all k candidates (block by block) and
+// the R rows of s; sq_norm[r] = |x_r|^2.
 template <int VW, int R, class Src>
-PGS_INL void sweep_dots(const Src& s, const float* panel, int64_t k, int64_t npad, float* S, int64_t ld,
-                        int64_t j0, float* q) {
+PGS_INL void sweep_dots(const Src& s, const float* panel, int64_t k, int64_t npad, float* dots, int64_t ld,
+                        int64_t j0, float* sq_norm) {
   const int64_t nblocks = block_count<VW>(k);
-  float d[R * kMaxBlock];
+  float block_dots[R * kMaxBlock];
   for (int64_t blk = 0, i0 = 0; blk < nblocks; ++blk) {
     const int nb = block_size<VW>(k, nblocks, blk);
     const float* pa = panel + i0 * npad;
     switch (nb) {
-#define PGS_CASE(N)                                   \
-  case N:                                             \
-    if (N <= max_block<VW>()) panel_dots<VW, (N <= max_block<VW>() ? N : 1), R>(s, pa, d, q); \
+#define PGS_CASE(N)                                                                       \
+  case N:                                                                                 \
+    if (N <= max_block<VW>()) {                                                           \
+      panel_dots<VW, (N <= max_block<VW>() ? N : 1), R>(s, pa, block_dots, sq_norm);     \
+    }                                                                                     \
     break;
       PGS_CASE(1) PGS_CASE(2) PGS_CASE(3) PGS_CASE(4) PGS_CASE(5) PGS_CASE(6)
       PGS_CASE(7) PGS_CASE(8) PGS_CASE(9) PGS_CASE(10) PGS_CASE(11) PGS_CASE(12)
@@ -276,7 +278,7 @@ PGS_INL void sweep_dots(const Src& s, const float* panel, int64_t k, int64_t npa
       default: break;
     }
     for (int r = 0; r < R; ++r) {
-      for (int i = 0; i < nb; ++i) S[(i0 + i) * ld + j0 + r] = d[r * nb + i];
+      for (int i = 0; i < nb; ++i) dots[(i0 + i) * ld + j0 + r] = block_dots[r * nb + i];
     }
     i0 += nb;
   }
@@ -318,7 +320,7 @@ PGS_INL void similarity(const Params& prm, const ImageIn& in, const int64_t* can
   const int64_t L = g.L, k = prm.k;
   const float** cand_vectors = ws.cand_vectors;
   constexpr int R = sweep_rows<VW>();
-  float q[R] = {};
+  float sq_norm[R] = {};
   // The last sweep over this image's data streams from L2; meanwhile the next
   // image's rows come into L2 for its edge pass, a share per step.
   const bool last_is_tokens = prm.want_tokens;
@@ -351,7 +353,7 @@ PGS_INL void similarity(const Params& prm, const ImageIn& in, const int64_t* can
           s.v0[r] = s.base[r][0];
           s.mean[r] = ws.patch_mean[j];
         }
-        sweep_dots<VW, NR>(s, ws.panel, k, dpad, ws.pixel_dots, Lp, j0, q);
+        sweep_dots<VW, NR>(s, ws.panel, k, dpad, ws.pixel_dots, Lp, j0, sq_norm);
       } else {
         Contig<VW, NR> s;
         s.n = dpad;
@@ -360,9 +362,9 @@ PGS_INL void similarity(const Params& prm, const ImageIn& in, const int64_t* can
           center_patch<VW>(in, g, j0 + r, dim, dpad, centered);
           s.x[r] = centered;
         }
-        sweep_dots<VW, NR>(s, ws.panel, k, dpad, ws.pixel_dots, Lp, j0, q);
+        sweep_dots<VW, NR>(s, ws.panel, k, dpad, ws.pixel_dots, Lp, j0, sq_norm);
       }
-      for (int r = 0; r < NR; ++r) ws.inv_pixel_norm[j0 + r] = inverse_norm(q[r]);
+      for (int r = 0; r < NR; ++r) ws.inv_pixel_norm[j0 + r] = inverse_norm(sq_norm[r]);
     });
   }
   if (prm.want_tokens) {
@@ -375,8 +377,8 @@ PGS_INL void similarity(const Params& prm, const ImageIn& in, const int64_t* can
       Contig<VW, NR> s;
       s.n = D;
       for (int r = 0; r < NR; ++r) s.x[r] = in.tokens + (j0 + r) * in.token_stride;
-      sweep_dots<VW, NR>(s, ws.panel, k, Dpad, ws.token_dots, Lp, j0, q);
-      for (int r = 0; r < NR; ++r) ws.inv_token_norm[j0 + r] = inverse_norm(q[r]);
+      sweep_dots<VW, NR>(s, ws.panel, k, Dpad, ws.token_dots, Lp, j0, sq_norm);
+      for (int r = 0; r < NR; ++r) ws.inv_token_norm[j0 + r] = inverse_norm(sq_norm[r]);
     });
     // A token with an infinite element has |t| = inf too, but t / |t| holds
     // inf / inf = NaN, which the contract carries into S: not a zero vector.

@@ -125,7 +125,7 @@ PGS_INL bool sinkhorn_scaling(const float* S, int64_t k, int64_t L, int64_t Lp, 
 //   g step: g_j += log_b - logsumexp_i LP_ij
 // S: k x Lp (Lp a multiple of VW, padding zero). Z's padding is -inf, so it
 // adds nothing to the f sums; g's padding is held at 0 so that -inf + g stays
-// -inf. work: 2 k Lp + 4 kp + 3 Lp floats, kp = k rounded up to VW, 64-byte
+// -inf. work: 2 k Lp + 5 kp + 3 Lp floats, kp = k rounded up to VW, 64-byte
 // aligned.
 template <int VW>
 PGS_INL void sinkhorn_log_domain(const float* S, int64_t k, int64_t L, int64_t Lp, float eps, int64_t T,
@@ -138,9 +138,10 @@ PGS_INL void sinkhorn_log_domain(const float* S, int64_t k, int64_t L, int64_t L
   double* g = f + kp;                           // Lp
   float* Z = reinterpret_cast<float*>(g + Lp);  // k x Lp
   float* LP = Z + k * Lp;                       // k x Lp
-  float* row_step = LP + k * Lp;                // kp: per row, sum of exp(LP - shift), then the f step
-  float* row_shift = row_step + kp;             // kp
-  float* col_r = row_shift + kp;                // Lp
+  float* row_sum = LP + k * Lp;                 // kp: per row, sum of exp(LP - shift)
+  float* row_shift = row_sum + kp;              // kp
+  float* row_step = row_shift + kp;             // kp: the f step's change of f_i
+  float* col_r = row_step + kp;                 // Lp
   for (int64_t i = 0; i < k; ++i) {
     for (int64_t j = 0; j < L; ++j) Z[i * Lp + j] = S[i * Lp + j] / eps;
     for (int64_t j = L; j < Lp; ++j) Z[i * Lp + j] = -kInf;
@@ -149,7 +150,7 @@ PGS_INL void sinkhorn_log_domain(const float* S, int64_t k, int64_t L, int64_t L
   const float log_b = static_cast<float>(-std::log(static_cast<double>(L)));
   std::fill(f, f + kp, 0.0);
   std::fill(g, g + Lp, 0.0);
-  for (int64_t i = k; i < kp; ++i) row_step[i] = 1.0f, row_shift[i] = 0.0f;
+  for (int64_t i = k; i < kp; ++i) row_sum[i] = 1.0f, row_shift[i] = 0.0f;
   const auto last = lanes_below<VW>(L - (Lp - VW));  // valid lanes of the last vector
   // LP_ij for the VW columns from j on, stored; the f_i + g_j are added in double.
   auto log_plan = [&](int64_t i, int64_t j) PGS_INL_LAMBDA {
@@ -173,11 +174,11 @@ PGS_INL void sinkhorn_log_domain(const float* S, int64_t k, int64_t L, int64_t L
       const float sh = std::isinf(m) ? 0.0f : m;
       F sv{};
       for (int64_t j = 0; j < Lp; j += VW) sv += vexp<VW>(vload<F>(row + j) - sh);
-      row_step[i] = hsum<VW>(sv);
+      row_sum[i] = hsum<VW>(sv);
       row_shift[i] = sh;
     }
     for (int64_t i = 0; i < kp; i += VW) {
-      const F step = log_a - (vload<F>(row_shift + i) + vlog<VW>(vload<F>(row_step + i)));
+      const F step = log_a - (vload<F>(row_shift + i) + vlog<VW>(vload<F>(row_sum + i)));
       vstore(row_step + i, step);
       for (int l = 0; l < VW && i + l < k; ++l) f[i + l] += static_cast<double>(step[l]);
     }
