@@ -307,6 +307,126 @@ def test_empty_batch_and_extreme_counts():
     del L
 
 
+# --------------------------------------------------------------------------- numerical range
+
+FP32_MAX = torch.finfo(torch.float32).max
+
+
+def run_reference_fp32(images, tokens, noise, **kw):
+    return python_ref.pgs_select(images, tokens, noise=noise, return_scores=True, dtype=torch.float32, **kw)
+
+
+def clear_of_fp32_overflow(x, margin=1.25):
+    """No value of ``x`` (fp64) within ``margin`` of fp32's largest, where two
+    fp32 evaluations that round differently could disagree on overflow."""
+    x = x.abs()
+    return bool(((x < FP32_MAX / margin) | (x > FP32_MAX * margin) | torch.isnan(x)).all())
+
+
+def signed_images(B, C, H, W, P, scale, seed):
+    """Pixels of +-scale, independent: every Sobel term is at most 8 scale and
+    every patch's centered squared norm close to C P^2 scale^2, so which of
+    them overflow fp32 is clear-cut. Patch 1 repeats patch 0 (similarity 1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randint(0, 2, (B, C, H, W), generator=g) * 2 - 1).float() * scale
+    x[:, :, :P, P : 2 * P] = x[:, :, :P, :P]
+    return x
+
+
+def assert_matches_fp32_reference(images, tokens, noise, **kw):
+    """Native against the fp32 reference beyond the contract's range: the
+    invariants always, NaN where the reference has NaN, scores where both are
+    finite, selections on the rows decided by more than the tolerance."""
+    B, _, H, W = images.shape
+    P = kw.get("patch_size", 16)
+    L = (H // P) * (W // P)
+    K, _, k = pgs_kernels.pgs_counts(L, kw.get("mask_ratio", 0.5), kw.get("candidate_ratio", 0.05))
+    nat = run_native(images, tokens, noise, **kw)
+    ref = run_reference_fp32(images, tokens, noise, **kw)
+    assert_valid_selection(nat, B, L, K)
+    assert torch.equal(torch.isnan(nat.edge), torch.isnan(ref.edge))
+    finite = torch.isfinite(ref.edge)
+    torch.testing.assert_close(nat.edge[finite], ref.edge[finite], atol=TOL, rtol=0)
+    # A NaN edge row makes every key +inf: candidates in index order.
+    nan_rows = torch.isnan(ref.edge).all(dim=1)
+    assert torch.equal(nat.candidates[nan_rows], torch.arange(k).expand(int(nan_rows.sum()), k))
+    same = (nat.candidates == ref.candidates).all(dim=1)
+    assert torch.equal(torch.isnan(nat.redundancy[same]), torch.isnan(ref.redundancy[same]))
+    both = same[:, None] & torch.isfinite(ref.redundancy)
+    torch.testing.assert_close(nat.redundancy[both], ref.redundancy[both], atol=TOL, rtol=0)
+    theta = kw.get("sim_threshold", 0.5)
+    stable = stable_rows(ref, noise, kw.get("edge_weight", 1.0), K, theta)
+    # Rows of equal keys are decided by index, so they are stable unless r is near θ.
+    stable |= nan_rows & ~((ref.redundancy.double() - theta).abs() <= TOL).any(dim=1)
+    for name in ("candidates", "keep_idx", "mask"):
+        assert torch.equal(getattr(nat, name)[stable], getattr(ref, name)[stable]), name
+    return nat, ref
+
+
+@needs_native
+@pytest.mark.parametrize("C, P", [(3, 8), (3, 16), (64, 8)])
+@pytest.mark.parametrize("scale", [1e15, 1e18, 1e20])
+def test_large_pixels_match_fp32_reference(scale, C, P):
+    """The Sobel runs on the channel mean, as the contract says, so it holds in
+    fp32 up to |pixel| ~ 1e18 whatever C; past that both give a NaN edge row.
+    A patch whose squared norm overflows is a zero vector in both (at 1e18:
+    none for C P^2 = 192, all for 768 and 4096)."""
+    images = signed_images(3, C, 64, 64, P, scale, seed=C + P)
+    x = patchify(images.double(), P)
+    sq_norms = ((x - x.mean(dim=2, keepdim=True)) ** 2).sum(dim=2)
+    assert clear_of_fp32_overflow(sq_norms)
+    sobel_sq_bound = 2 * (8 * scale) ** 2  # Gx^2 + Gy^2 for |Y| <= scale
+    assert scale > 1e18 or sobel_sq_bound < FP32_MAX / 1.25
+    L = (64 // P) ** 2
+    noise = rand_noise(3, L, seed=C)
+    for kw in (dict(), dict(use_ot=False, sim_threshold=0.2)):
+        nat, ref = assert_matches_fp32_reference(images, None, noise, patch_size=P, candidate_ratio=0.25, **kw)
+        if scale <= 1e18:
+            assert torch.isfinite(nat.edge).all() and torch.isfinite(nat.redundancy).all()
+        else:
+            assert torch.isnan(nat.edge).all()
+        if scale <= 1e18 and C * P * P == 192:
+            assert (nat.redundancy.abs() > 0).any()
+
+
+@needs_native
+@pytest.mark.parametrize("norm", [1e15, 1e19, 1e21, "mixed", "inf_element"])
+def test_large_tokens_match_fp32_reference(norm):
+    """Token norms up to ~1.8e19 (fp32's sqrt of its largest) agree with the
+    fp32 reference; a token whose squared norm overflows is a zero vector
+    (zero similarity, no NaN), and one with an infinite element is NaN, as
+    t / (|t| + 1e-6) makes them."""
+    images, tokens, noise = make_inputs(6, 3, 3, 64, 64, 16, torch.float32, "contiguous", "fp32")
+    unit = tokens / tokens.norm(dim=2, keepdim=True)
+    if norm == "mixed":  # every other token overflows
+        tokens = unit * torch.tensor([1.0, 1e21]).repeat(8)[None, :, None]
+    elif norm == "inf_element":
+        tokens = unit.clone()
+        tokens[1, 5, 3] = float("inf")
+    else:
+        tokens = unit * norm
+    for tw in (0.5, 1.0):
+        nat, ref = assert_matches_fp32_reference(images, tokens, noise, candidate_ratio=0.25, token_weight=tw)
+        if norm == "inf_element":
+            assert torch.isnan(nat.redundancy[1]).all() and torch.isfinite(nat.redundancy[[0, 2]]).all()
+        else:
+            assert torch.isfinite(nat.redundancy).all()
+        if norm == 1e21 and tw == 1.0:
+            assert (nat.redundancy == 0).all()
+
+
+@needs_native
+@pytest.mark.parametrize("ot_reg", [1e-4, 3e-4, 1e-3])
+def test_small_ot_reg_matches_reference(ot_reg):
+    """Down to ot_reg = 1e-4 and up to 1000 iterations the fp32 Sinkhorn stays
+    within 1e-4 of the fp64 reference (the potentials grow like 1/ot_reg)."""
+    images, tokens, noise = make_inputs(7, 3, 3, 64, 64, 8, torch.float32, "contiguous", "fp32")
+    for ot_iters in (1, 200, 1000):
+        for tw in (0.0, 0.5):
+            compare(images, tokens, noise, patch_size=8, candidate_ratio=0.1, token_weight=tw, ot_reg=ot_reg,
+                    ot_iters=ot_iters)
+
+
 # --------------------------------------------------------------------------- threads, schema, opcheck
 
 
@@ -329,6 +449,39 @@ def test_thread_count_does_not_change_the_answer(photos):
 
 
 @needs_native
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_aten_cpu_capability_selects_the_variant(capability):
+    """ATEN_CPU_CAPABILITY caps the compiled variant (``default``: the
+    baseline, 4 floats per vector), which still matches the reference."""
+    code = textwrap.dedent(
+        """
+        import torch
+        import pgs_kernels
+        from test_native import CASES, compare, make_inputs
+
+        reported = torch.backends.cpu.get_cpu_capability()
+        width = pgs_kernels.op._C.simd_width()
+        print(reported, width)
+        expected = {"AVX512": 16, "AVX2": 8}.get(reported, 4)
+        assert width == expected, (reported, width)
+        for seed, B, C, H, W, P, dtype, layout, token_mode, opts in CASES:
+            images, tokens, noise = make_inputs(seed, B, C, H, W, P, dtype, layout, token_mode)
+            compare(images, tokens, noise, patch_size=P, min_stable=0.5, **opts)
+        print("ok")
+        """
+    )
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    reported, width = res.stdout.split()[:2]
+    if capability == "default":
+        assert (reported, width) == ("DEFAULT", "4")
+    assert res.stdout.strip().endswith("ok")
+
+
+@needs_native
 def test_cpp_schema_equals_python_schema():
     native = torch.ops.pgs_kernels.pgs_select.default._schema
     assert native == torch._C.parse_schema("pgs_kernels::" + SCHEMA)
@@ -345,42 +498,96 @@ def test_opcheck():
     del L
 
 
+RAW_ARGS = ["images", "tokens", "noise", "patch_size", "num_keep", "num_candidates", "sim_threshold",
+            "token_weight", "edge_weight", "use_ot", "ot_reg", "ot_iters"]
+
+
+def raw_call(redispatch_cpu=False, **changes):
+    """The raw operator on valid arguments (B=2, 32x32, P=16, L=4), some
+    changed; redispatch_cpu runs the CPU kernel whatever the devices say."""
+    args = dict(zip(RAW_ARGS, (torch.randn(2, 3, 32, 32), None, torch.rand(2, 4), 16, 2, 1, 0.5, 0.0, 1.0,
+                               True, 0.05, 20)))
+    args.update(changes)
+    op = torch.ops.pgs_kernels.pgs_select.default
+    if redispatch_cpu:
+        return op.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args.values())
+    return op(*args.values())
+
+
+# (argument changes, error, pattern of the message: the argument, and what was given)
+BAD_RAW_ARGS = [
+    (dict(images=torch.randn(3, 32, 32)), ValueError, r"images must have shape \(B, C, H, W\), got 3 dims"),
+    (dict(images=torch.randn(2, 3, 32, 32).to(torch.int32)), TypeError, "images must be one of .*got int32"),
+    (dict(images=torch.randn(2, 3, 32, 32, dtype=torch.float64)), TypeError, "images must be one of .*got float64"),
+    (dict(images=torch.randn(2, 0, 32, 32)), ValueError, "images must have at least one channel, got C=0"),
+    (dict(images=torch.randn(2, 3, 33, 32)), ValueError, "H=33 is not divisible by patch_size=16"),
+    (dict(images=torch.randn(2, 3, 32, 40)), ValueError, "W=40 is not divisible by patch_size=16"),
+    (dict(images=torch.randn(2, 3, 0, 32), noise=torch.rand(2, 0)), ValueError, "H=0, W=32 hold no 16x16 patch"),
+    (dict(patch_size=0), ValueError, "patch_size must be >= 1, got 0"),
+    (dict(noise=torch.rand(2, 5)), ValueError, r"noise must have shape \(B, L\) = \(2, 4\), got \[2, 5\]"),
+    (dict(noise=torch.rand(4)), ValueError, "noise must have shape"),
+    (dict(noise=torch.zeros(2, 4, dtype=torch.int64)), TypeError, "noise must be floating point, got int64"),
+    (dict(num_keep=0), ValueError, r"num_keep must be in \[1, L=4\], got 0"),
+    (dict(num_keep=5), ValueError, r"num_keep must be in \[1, L=4\], got 5"),
+    (dict(num_candidates=-1), ValueError, r"num_candidates must be in \[0, L=4\], got -1"),
+    (dict(num_candidates=5), ValueError, r"num_candidates must be in \[0, L=4\], got 5"),
+    (dict(sim_threshold=float("nan")), ValueError, "sim_threshold must not be NaN"),
+    (dict(token_weight=-0.1), ValueError, r"token_weight must be in \[0, 1\], got -0.1"),
+    (dict(token_weight=1.5, tokens=torch.randn(2, 4, 8)), ValueError, r"token_weight must be in \[0, 1\], got 1.5"),
+    (dict(token_weight=float("nan")), ValueError, "token_weight must be in"),
+    (dict(token_weight=0.5), ValueError, "token_weight=0.5 > 0 needs tokens, got tokens=None"),
+    (dict(tokens=torch.randn(2, 5, 8), token_weight=0.5), ValueError,
+     r"tokens must have shape \(B, L, D\) = \(2, 4, D>=1\), got \[2, 5, 8\]"),
+    (dict(tokens=torch.randn(2, 4, 0), token_weight=0.5), ValueError, "tokens must have shape"),
+    (dict(tokens=torch.randn(2, 4, 8)[0]), ValueError, "tokens must have shape"),
+    (dict(tokens=torch.zeros(2, 4, 8, dtype=torch.int32), token_weight=0.5), TypeError,
+     "tokens must be floating point, got int32"),
+    (dict(edge_weight=-1.0), ValueError, r"edge_weight must be in \[0, .*\] \(finite in fp32\), got -1"),
+    (dict(edge_weight=float("inf")), ValueError, "edge_weight must be in .*got inf"),
+    (dict(edge_weight=float("nan")), ValueError, "edge_weight must be in .*got nan"),
+    (dict(edge_weight=1e39), ValueError, "edge_weight must be in .*got 1e\\+39"),
+    (dict(ot_reg=0.0), ValueError, "ot_reg must be finite and >= 0.0001, got 0"),
+    (dict(ot_reg=-1.0), ValueError, "ot_reg must be finite and >= 0.0001, got -1"),
+    (dict(ot_reg=5e-5), ValueError, "ot_reg must be finite and >= 0.0001, got 5e-05"),
+    (dict(ot_reg=float("inf")), ValueError, "ot_reg must be finite and >= 0.0001, got inf"),
+    (dict(ot_reg=float("nan")), ValueError, "ot_reg must be finite"),
+    (dict(ot_iters=0), ValueError, "ot_iters must be >= 1, got 0"),
+]
+
+
 @needs_native
-def test_direct_call_checks_its_arguments():
-    op = torch.ops.pgs_kernels.pgs_select
-    x = torch.randn(2, 3, 32, 32)
-    u = torch.rand(2, 4)
-    ok = (x, None, u, 16, 2, 1, 0.5, 0.0, 1.0, True, 0.05, 20)
+@pytest.mark.parametrize("changes, error, pattern", BAD_RAW_ARGS,
+                         ids=[f"{next(iter(c))}-{i}" for i, (c, _, _) in enumerate(BAD_RAW_ARGS)])
+def test_raw_operator_checks_its_arguments(changes, error, pattern):
+    with pytest.raises(error, match=pattern):
+        raw_call(**changes)
 
-    def call(**changes):
-        names = ["images", "tokens", "noise", "patch_size", "num_keep", "num_candidates", "sim_threshold",
-                 "token_weight", "edge_weight", "use_ot", "ot_reg", "ot_iters"]
-        args = list(ok)
-        for k, v in changes.items():
-            args[names.index(k)] = v
-        return op(*args)
 
-    call()
-    with pytest.raises(ValueError, match="divisible"):
-        call(images=torch.randn(2, 3, 33, 32))
-    with pytest.raises(ValueError, match="images"):
-        call(images=torch.randn(3, 32, 32))
-    with pytest.raises(TypeError, match="images"):
-        call(images=x.to(torch.int32))
-    with pytest.raises(ValueError, match="noise"):
-        call(noise=torch.rand(2, 5))
-    with pytest.raises(ValueError, match="needs tokens"):
-        call(token_weight=0.5)
-    with pytest.raises(ValueError, match="tokens"):
-        call(tokens=torch.randn(2, 5, 8), token_weight=0.5)
-    with pytest.raises(ValueError, match="num_keep"):
-        call(num_keep=5)
-    with pytest.raises(ValueError, match="num_candidates"):
-        call(num_candidates=-1)
-    with pytest.raises(ValueError, match="ot_reg"):
-        call(ot_reg=0.0)
-    with pytest.raises(ValueError, match="ot_iters"):
-        call(ot_iters=0)
+@needs_native
+@pytest.mark.parametrize("name", ["images", "noise", "tokens"])
+def test_raw_cpu_kernel_checks_devices(name):
+    """A tensor on another device never reaches the CPU kernel through the
+    dispatcher (the other device's kernel wins); called directly, the kernel
+    says which argument is where."""
+    args = dict(images=torch.randn(2, 3, 32, 32), tokens=torch.randn(2, 4, 8), noise=torch.rand(2, 4),
+                token_weight=0.5)
+    args[name] = args[name].to("meta")
+    with pytest.raises(ValueError, match=f"{name} must be on .*got meta"):
+        raw_call(redispatch_cpu=True, **args)
+
+
+@needs_native
+def test_raw_operator_accepts_the_edges_of_every_range():
+    L = 4
+    for changes in (dict(num_keep=L, num_candidates=L), dict(num_keep=1, num_candidates=0),
+                    dict(token_weight=1.0, tokens=torch.randn(2, L, 8, dtype=torch.float64)),
+                    dict(noise=torch.rand(2, L, dtype=torch.float64), images=torch.randn(2, 3, 32, 32).half()),
+                    dict(images=torch.randn(2, 3, 32, 32).bfloat16(), edge_weight=FP32_MAX),
+                    dict(edge_weight=0.0, ot_reg=1e-4, ot_iters=1), dict(sim_threshold=float("inf")),
+                    dict(tokens=torch.randn(2, 5, 8)[:, :L], token_weight=0.25)):
+        keep, mask, edge, cand, red = raw_call(**changes)
+        K = changes.get("num_keep", 2)
+        assert keep.shape == (2, K) and mask.shape == (2, L) and int(mask.sum()) == 2 * (L - K)
 
 
 # --------------------------------------------------------------------------- fallback

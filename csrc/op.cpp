@@ -1,0 +1,262 @@
+// The operator's CPU kernel: argument checks, outputs, per-thread work space,
+// images spread over threads with at::parallel_for, and the registration for
+// the schema that pgs_kernels/op.py defines.
+
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <vector>
+
+#include "pgs.h"
+#include "simd.h"
+
+namespace pgs {
+
+// ATen's capability (the CPU's best, or lower as ATEN_CPU_CAPABILITY says)
+// caps the variant, so that one switch governs ATen's kernels and this one.
+int simd_width() {
+  static const int width = [] {
+    const std::string capability = at::get_cpu_capability();
+    const int allowed = capability == "AVX512" ? 16 : capability == "AVX2" ? 8 : 4;
+    int supported = 4;
+#if PGS_X86_VARIANTS
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4")) {
+      supported = 16;
+    } else if (__builtin_cpu_supports("x86-64-v3")) {
+      supported = 8;
+    }
+#endif
+    return std::min(allowed, supported);
+  }();
+  return width;
+}
+
+namespace {
+
+// Work space memory from ATen's CPU allocator (64-byte aligned, so that no
+// vector load from a buffer start straddles two cache lines); the tensors
+// live as long as this object.
+class Arena {
+ public:
+  template <class T>
+  T* take(int64_t n) {
+    storage_.push_back(at::empty({std::max<int64_t>(n, 1) * static_cast<int64_t>(sizeof(T))}, at::kByte));
+    return static_cast<T*>(storage_.back().data_ptr());
+  }
+
+ private:
+  std::vector<at::Tensor> storage_;
+};
+
+// Sized for the widest vectors (kMaxWidth floats), whichever variant runs.
+// sc, sy: channel and row stride of the pixels the kernel reads.
+Workspace make_workspace(const Params& prm, int64_t sc, int64_t sy, Arena& arena) {
+  const Geometry& g = prm.g;
+  auto pad = [](int64_t n) { return (n + kMaxWidth - 1) / kMaxWidth * kMaxWidth; };
+  const int64_t L = g.L, k = std::max<int64_t>(prm.k, 1), Lp = pad(L), kp = pad(prm.k);
+  const int64_t dpad = pad(g.C * g.P * g.P);
+  Workspace ws{};
+  ws.mean_rows = arena.take<float>(3 * (g.W + 2));
+  ws.band_sobel = arena.take<float>(g.W);
+  ws.shifted_sums = arena.take<float>(g.gw * kMaxWidth);
+  ws.patch_mean = arena.take<float>(L);
+  ws.sobel_sum = arena.take<double>(L);
+  ws.key = arena.take<double>(L);
+  ws.order = arena.take<int64_t>(L);
+  ws.tier = arena.take<uint8_t>(L);
+  ws.row_offsets = arena.take<int64_t>(g.C * g.P);
+  for (int64_t c = 0; c < g.C; ++c) {
+    for (int64_t row = 0; row < g.P; ++row) ws.row_offsets[c * g.P + row] = c * sc + row * sy;
+  }
+  ws.cand_vectors = arena.take<const float*>(k);
+  if (prm.want_pixels) {
+    ws.centered_cands = arena.take<float>(k * dpad);
+    ws.centered_rows = arena.take<float>(2 * dpad);
+    ws.pixel_dots = arena.take<float>(k * Lp);
+  }
+  ws.panel = arena.take<float>(k * std::max(dpad, pad(prm.D)));
+  if (prm.want_tokens) ws.token_dots = arena.take<float>(k * Lp);
+  ws.inv_pixel_norm = arena.take<float>(L);
+  ws.inv_token_norm = arena.take<float>(L);
+  ws.sim = arena.take<float>(k * Lp);
+  ws.sinkhorn_work = arena.take<float>(2 * prm.k * Lp + 5 * kp + 3 * Lp);
+  return ws;
+}
+
+std::string_view dtype_name(at::ScalarType s) { return c10::getDtypeNames(s).first; }
+
+// Everything pgs_select checks that needs no look at the values (torch.ops
+// can be called directly), as ValueError / TypeError naming the argument.
+// Returns the geometry.
+Geometry check_args(const at::Tensor& images, const std::optional<at::Tensor>& tokens, const at::Tensor& noise,
+                    int64_t patch_size, int64_t num_keep, int64_t num_candidates, double sim_threshold,
+                    double token_weight, double edge_weight, double ot_reg, int64_t ot_iters) {
+  TORCH_CHECK_VALUE(images.dim() == 4, "pgs_select: images must have shape (B, C, H, W), got ", images.dim(),
+                    " dims ", images.sizes());
+  TORCH_CHECK_VALUE(images.device().is_cpu(), "pgs_select (native CPU kernel): images must be on the CPU, got ",
+                    images.device());
+  const at::ScalarType image_dtype = images.scalar_type();
+  TORCH_CHECK_TYPE(image_dtype == at::kFloat || image_dtype == at::kHalf || image_dtype == at::kBFloat16,
+                   "pgs_select: images must be one of float16, bfloat16, float32, got ", dtype_name(image_dtype));
+  TORCH_CHECK_VALUE(patch_size >= 1, "pgs_select: patch_size must be >= 1, got ", patch_size);
+  const int64_t B = images.size(0), C = images.size(1), H = images.size(2), W = images.size(3);
+  const int64_t P = patch_size;
+  TORCH_CHECK_VALUE(C >= 1, "pgs_select: images must have at least one channel, got C=", C);
+  TORCH_CHECK_VALUE(H % P == 0, "pgs_select: images: H=", H, " is not divisible by patch_size=", P);
+  TORCH_CHECK_VALUE(W % P == 0, "pgs_select: images: W=", W, " is not divisible by patch_size=", P);
+  const int64_t gh = H / P, gw = W / P, L = gh * gw;
+  TORCH_CHECK_VALUE(L >= 1, "pgs_select: images: H=", H, ", W=", W, " hold no ", P, "x", P, " patch");
+
+  TORCH_CHECK_VALUE(num_keep >= 1 && num_keep <= L, "pgs_select: num_keep must be in [1, L=", L, "], got ",
+                    num_keep);
+  TORCH_CHECK_VALUE(num_candidates >= 0 && num_candidates <= L, "pgs_select: num_candidates must be in [0, L=", L,
+                    "], got ", num_candidates);
+  TORCH_CHECK_VALUE(!std::isnan(sim_threshold), "pgs_select: sim_threshold must not be NaN, got ", sim_threshold);
+  TORCH_CHECK_VALUE(token_weight >= 0.0 && token_weight <= 1.0, "pgs_select: token_weight must be in [0, 1], got ",
+                    token_weight);
+  // The key is computed in double, but every fp32 backend must hold w_e.
+  TORCH_CHECK_VALUE(edge_weight >= 0.0 && edge_weight <= std::numeric_limits<float>::max(),
+                    "pgs_select: edge_weight must be in [0, ", std::numeric_limits<float>::max(),
+                    "] (finite in fp32), got ", edge_weight);
+  // Below 1e-4, fp32 Sinkhorn no longer holds the plan to the contract's accuracy.
+  TORCH_CHECK_VALUE(ot_reg >= kMinOtReg && std::isfinite(ot_reg), "pgs_select: ot_reg must be finite and >= ",
+                    kMinOtReg, ", got ", ot_reg);
+  TORCH_CHECK_VALUE(ot_iters >= 1, "pgs_select: ot_iters must be >= 1, got ", ot_iters);
+
+  TORCH_CHECK_VALUE(noise.dim() == 2 && noise.size(0) == B && noise.size(1) == L,
+                    "pgs_select: noise must have shape (B, L) = (", B, ", ", L, "), got ", noise.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(noise.scalar_type()), "pgs_select: noise must be floating point, got ",
+                   dtype_name(noise.scalar_type()));
+  TORCH_CHECK_VALUE(noise.device().is_cpu(), "pgs_select: noise must be on images' device cpu, got ",
+                    noise.device());
+  const bool have_tokens = tokens.has_value() && tokens->defined();
+  if (have_tokens) {
+    const at::Tensor& t = *tokens;
+    TORCH_CHECK_VALUE(t.dim() == 3 && t.size(0) == B && t.size(1) == L && t.size(2) >= 1,
+                      "pgs_select: tokens must have shape (B, L, D) = (", B, ", ", L, ", D>=1), got ", t.sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "pgs_select: tokens must be floating point, got ",
+                     dtype_name(t.scalar_type()));
+    TORCH_CHECK_VALUE(t.device().is_cpu(), "pgs_select: tokens must be on images' device cpu, got ", t.device());
+  }
+  TORCH_CHECK_VALUE(have_tokens || token_weight == 0.0, "pgs_select: token_weight=", token_weight,
+                    " > 0 needs tokens, got tokens=None");
+  return Geometry{C, H, W, P, gh, gw, L};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_select_cpu(
+    const at::Tensor& images, const std::optional<at::Tensor>& tokens_opt, const at::Tensor& noise_in,
+    int64_t patch_size, int64_t num_keep, int64_t num_candidates, double sim_threshold,
+    double token_weight, double edge_weight, bool use_ot, double ot_reg, int64_t ot_iters) {
+  const Geometry geo = check_args(images, tokens_opt, noise_in, patch_size, num_keep, num_candidates, sim_threshold,
+                                  token_weight, edge_weight, ot_reg, ot_iters);
+  const int64_t B = images.size(0), C = geo.C, H = geo.H, W = geo.W, L = geo.L;
+  const bool want_tokens = token_weight > 0.0;
+  const at::Tensor tokens = want_tokens ? *tokens_opt : at::Tensor();
+  const int64_t D = want_tokens ? tokens.size(2) : 0;
+
+  const int64_t K = num_keep, k = num_candidates;
+  const auto i64 = images.options().dtype(at::kLong);
+  at::Tensor keep = at::empty({B, K}, i64);
+  at::Tensor mask = at::empty({B, L}, images.options().dtype(at::kBool));
+  at::Tensor edge = at::empty({B, L}, images.options().dtype(at::kFloat));
+  at::Tensor cand = at::empty({B, k}, i64);
+  at::Tensor red = at::empty({B, L}, images.options().dtype(at::kFloat));
+  if (B == 0) return {keep, mask, edge, cand, red};
+
+  // .to and .contiguous return the tensor itself when nothing is to be done.
+  const at::Tensor noise = noise_in.to(at::kFloat).contiguous();
+  Params prm{};
+  prm.g = geo;
+  prm.K = K, prm.k = k, prm.D = D, prm.T = ot_iters;
+  prm.theta = static_cast<float>(sim_threshold);
+  prm.alpha = static_cast<float>(token_weight);
+  prm.one_minus_alpha = static_cast<float>(1.0 - token_weight);
+  prm.eps = static_cast<float>(ot_reg);
+  prm.edge_weight = edge_weight;
+  prm.use_ot = use_ot, prm.want_pixels = token_weight < 1.0, prm.want_tokens = want_tokens;
+
+  const float* noise_all = noise.data_ptr<float>();
+  int64_t* keep_all = keep.data_ptr<int64_t>();
+  bool* mask_all = mask.data_ptr<bool>();
+  float* edge_all = edge.data_ptr<float>();
+  int64_t* cand_all = cand.data_ptr<int64_t>();
+  float* red_all = red.data_ptr<float>();
+  const int64_t ist[4] = {images.stride(0), images.stride(1), images.stride(2), images.stride(3)};
+  // fp32 pixels with unit column stride and fp32 tokens with unit feature
+  // stride are read where they lie; anything else is converted per image.
+  const bool img_direct = images.scalar_type() == at::kFloat && ist[3] == 1;
+  const bool tok_direct = want_tokens && tokens.scalar_type() == at::kFloat && tokens.stride(2) == 1;
+  static const Kernels kernels = kernels_for(simd_width());
+
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    // Worker threads start with the default dispatch state; the copies below
+    // are plain kernels, never recorded by autograd.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    // Offsets of a patch's pixel rows, in the layout the kernel reads (the
+    // tensor's own, or the converted copy's).
+    const int64_t sc = img_direct ? ist[1] : H * W, sy = img_direct ? ist[2] : W;
+    Arena arena;
+    const Workspace ws = make_workspace(prm, sc, sy, arena);
+    const at::Tensor image_copy = img_direct ? at::Tensor() : at::empty({C, H, W}, at::kFloat);
+    const at::Tensor token_copy = want_tokens && !tok_direct ? at::empty({L, D}, at::kFloat) : at::Tensor();
+
+    for (int64_t b = b0; b < b1; ++b) {
+      ImageIn in{};
+      in.channel_stride = sc;
+      in.row_stride = sy;
+      if (img_direct) {
+        in.pixels = images.const_data_ptr<float>() + b * ist[0];
+      } else {
+        image_copy.copy_(images.select(0, b));
+        in.pixels = image_copy.const_data_ptr<float>();
+      }
+      if (tok_direct) {
+        in.tokens = tokens.const_data_ptr<float>() + b * tokens.stride(0);
+        in.token_stride = tokens.stride(1);
+      } else if (want_tokens) {
+        token_copy.copy_(tokens.select(0, b));
+        in.tokens = token_copy.const_data_ptr<float>();
+        in.token_stride = D;
+      }
+      in.noise = noise_all + b * L;
+      in.next_pixels = img_direct && b + 1 < b1 ? images.const_data_ptr<float>() + (b + 1) * ist[0] : nullptr;
+      const ImageOut out{edge_all + b * L, cand_all + b * k, red_all + b * L, mask_all + b * L,
+                         keep_all + b * K};
+      process_image(kernels, prm, in, out, ws);
+    }
+  });
+  return {keep, mask, edge, cand, red};
+}
+
+}  // namespace
+}  // namespace pgs
+
+// The schema is defined once, in Python (pgs_kernels/op.py), before this
+// module is imported; here only the CPU kernel is registered for it.
+TORCH_LIBRARY_IMPL(pgs_kernels, CPU, m) { m.impl("pgs_select", &pgs::pgs_select_cpu); }
+
+// The operator lives in the dispatcher; importing the Python module runs the
+// registration above. Its one function says which compiled variant the
+// kernel dispatches to, so that benchmarks can record it.
+static PyObject* simd_width(PyObject*, PyObject*) { return PyLong_FromLong(pgs::simd_width()); }
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyMethodDef methods[] = {
+      {"simd_width", simd_width, METH_NOARGS,
+       "Floats per vector of the kernel variant in use: 16 (AVX-512), 8 (AVX2+FMA), 4 (baseline)."},
+      {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods, nullptr, nullptr,
+                                   nullptr, nullptr};
+  return PyModule_Create(&def);
+}
