@@ -38,7 +38,6 @@ import math
 import os
 import sys
 import time
-import traceback
 from typing import Dict, List, NamedTuple, Optional
 
 import torch

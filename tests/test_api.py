@@ -4,8 +4,6 @@ Runs on every backend usable here; the Triton and native kernels have their
 own files comparing them with the reference in detail.
 """
 
-import math
-import warnings
 
 import pytest
 import torch

@@ -5,7 +5,6 @@ import torch
 
 import pgs_kernels
 from conftest import DEVICE
-from pgs_kernels import op
 
 
 def _args(B=2, device=DEVICE, tokens=True):
@@ -16,15 +15,20 @@ def _args(B=2, device=DEVICE, tokens=True):
     return (x, t, noise, 8, 12, 2, 0.5, 0.5 if tokens else 0.0, 1.0, True, 0.05, 20)
 
 
-def test_schema_is_the_documented_one():
-    schema = str(torch.ops.pgs_kernels.pgs_select.default._schema)
-    expected = str(torch._C.parse_schema("pgs_kernels::" + op.SCHEMA))
-    assert schema == expected
+# (tokens, token_weight, use_ot, num_candidates, channels-last images)
+OPCHECK_CASES = [(True, 0.5, True, 2, False), (False, 0.0, True, 2, True), (True, 1.0, False, 3, True),
+                 (True, 1.0, True, 0, False)]
 
 
-@pytest.mark.parametrize("tokens", [True, False])
-def test_opcheck(tokens):
-    torch.library.opcheck(torch.ops.pgs_kernels.pgs_select.default, _args(tokens=tokens))
+@pytest.mark.parametrize("tokens,tw,use_ot,k,channels_last", OPCHECK_CASES)
+def test_opcheck(tokens, tw, use_ot, k, channels_last):
+    """The registration is sound (schema, fake implementation, autograd and
+    functionalization), for the kernel of this machine's device."""
+    x, t, noise = _args(tokens=tokens)[:3]
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    args = (x, t, noise, 8, 12, k, 0.5, tw, 1.0, use_ot, 0.05, 20)
+    torch.library.opcheck(torch.ops.pgs_kernels.pgs_select.default, args)
 
 
 def test_fake_shapes_match_real():

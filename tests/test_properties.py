@@ -7,7 +7,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pgs_kernels
-import python_ref as R
 from pgs_kernels import pgs_counts
 from conftest import DEVICE, assert_valid_selection
 
