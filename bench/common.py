@@ -1,5 +1,6 @@
 """What every benchmark script shares: where results go, the environment
-block each result JSON carries, the device choice, and the timers.
+block each result JSON carries, the machine-load record, the device choice,
+and the timers.
 
 Result JSON (one object per file, written by :func:`write_result`)::
 
@@ -7,6 +8,8 @@ Result JSON (one object per file, written by :func:`write_result`)::
                   | "train_quality",
      "device": "cpu" | "h200" | ..., "device_name": ..., "torch": ..., "triton": ...,
      "commit": ..., "python": ..., "cpus": ..., "threads": ..., "date": ...,
+     "load": {"before": [1, 5, 15 min], "after": [...], "cpus": ..., "threads": ...,
+              "busy": bool, "warning": str | None},
      ...the script's own fields}
 """
 
@@ -159,6 +162,87 @@ def load_average() -> Optional[List[float]]:
         return [round(x, 2) for x in os.getloadavg()]
     except (OSError, AttributeError):
         return None
+
+
+def _cpu_ticks() -> Optional[Tuple[int, int]]:
+    """(busy ticks of the whole machine, ticks of this process and its
+    threads), from /proc; None where there is no /proc."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        with open("/proc/self/stat") as f:
+            mine = f.read().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal
+    return busy, int(mine[11]) + int(mine[12])  # utime + stime
+
+
+def others_cores(t0: Optional[Tuple[int, int]], t1: Optional[Tuple[int, int]], seconds: float) -> Optional[float]:
+    """Cores that other processes kept busy between two :func:`_cpu_ticks`."""
+    if t0 is None or t1 is None or seconds <= 0:
+        return None
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    return round(max(0.0, ((t1[0] - t0[0]) - (t1[1] - t0[1])) / hz / seconds), 2)
+
+
+class LoadRecord:
+    """How busy the machine was before and during a run.
+
+    A run with ``threads`` intra-op threads on ``cpus`` CPUs needs
+    ``threads`` cores to itself. Other processes' use is measured directly
+    from /proc (all CPU time less this process's): over half a second with
+    the run idle, before it starts, and averaged over the whole run. The
+    machine is busy when they held more than ``cpus - threads + 0.5`` cores
+    at either time: on a busy machine multi-threaded timings measure
+    contention (OpenMP threads wait out each other's time slices: 10-400x
+    slower has been seen on 2 cores), so the script warns on the terminal
+    and in its JSON. The 1-minute load average (which counts the run
+    itself) is recorded beside it; where /proc is missing it stands in,
+    compared with the same bound before the run.
+    """
+
+    def __init__(self, threads: Optional[int] = None, quiet: bool = False, sample_s: float = 0.5):
+        self.cpus = os.cpu_count() or 1
+        self.threads = int(threads or torch.get_num_threads())
+        self.allowed = self.cpus - self.threads + 0.5
+        self.quiet = quiet
+        self.warnings: List[str] = []
+        self.before = load_average()
+        self.after = None
+        self.during = None
+        t0, w0 = _cpu_ticks(), time.monotonic()
+        if t0 is not None:
+            time.sleep(sample_s)
+        self._start = (_cpu_ticks(), time.monotonic())
+        self.others_before = others_cores(t0, self._start[0], self._start[1] - w0)
+        if self.others_before is not None:
+            if self.others_before > self.allowed:
+                self._warn(f"other processes kept {self.others_before:.2f} of {self.cpus} CPUs busy before the "
+                           f"run, which needs {self.threads} to itself: its timings measure contention")
+        elif self.before and self.before[0] > self.allowed:
+            self._warn(f"load average {self.before[0]:.2f} before the run on {self.cpus} CPUs, which "
+                       f"needs {self.threads} to itself: its timings measure contention")
+
+    def _warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+        if not self.quiet:
+            print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+
+    def finish(self) -> Dict:
+        """Reads the load after the run; returns the JSON block."""
+        self.after = load_average()
+        self.during = others_cores(self._start[0], _cpu_ticks(), time.monotonic() - self._start[1])
+        if self.during is not None and self.during > self.allowed:
+            self._warn(f"other processes kept {self.during:.2f} of {self.cpus} CPUs busy on average during the "
+                       f"run, which needs {self.threads} to itself: its timings measure contention")
+        return self.record()
+
+    def record(self) -> Dict:
+        return {"before": self.before, "after": self.after, "cpus": self.cpus, "threads": self.threads,
+                "others_cores_before": self.others_before, "others_cores_during": self.during,
+                "busy": bool(self.warnings), "warning": "; ".join(self.warnings) or None}
 
 
 # ----------------------------------------------------------------------------- timers

@@ -32,7 +32,8 @@ compiled one, and at most 0.2 ms at batch 256 (GPU).
 Writes ``bench/results/micro-<device>.json`` (``micro-vit-b16-<device>.json``
 with the preset), overwriting it, unless ``--out`` is given, and the plot
 beside it (``python -m bench.plot``). The JSON carries the environment and
-the load average at start and end.
+the machine's load before and after, with a warning when another process
+held a core the run needed.
 
 Examples::
 
@@ -57,8 +58,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from bench.common import (argument_parser, device_slug, environment, out_help, pick_device,
-                          load_average, result_path, sync, time_cpu, time_cuda, timer_name, write_result)
+from bench.common import (LoadRecord, argument_parser, device_slug, environment, out_help, pick_device,
+                          result_path, sync, time_cpu, time_cuda, timer_name, write_result)
 
 CONFIGS = ("224/16", "224/14", "336/14", "384/16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -455,6 +456,7 @@ def main(argv=None) -> int:
         print(s, flush=True)
 
     compile_state = {"deadline": t_start + args.compile_budget_s, "error": None, "first_call_s": {}}
+    load = LoadRecord()
     impls = make_impls(device, args.impls, compile_ok)
     copy_gbps = copy_bandwidth_gbps(device) if gpu else None
     doc = {
@@ -467,6 +469,7 @@ def main(argv=None) -> int:
                      "fused_budget_ms": fused_budget_ms, "time_limit_s": time_limit,
                      "token_width": TOKEN_WIDTH, "token_weight_with_tokens": TOKEN_WEIGHT,
                      "preset": args.preset, "threads": torch.get_num_threads()},
+        "load": load.record(),
         "rows": [],
         "skipped": [],
     }
@@ -483,14 +486,6 @@ def main(argv=None) -> int:
             doc["skipped"] = [r for r in old.get("skipped", []) if other(r)]
             doc["merged_commits"] = sorted(set(old.get("merged_commits", [old.get("commit")])) | {doc["commit"]})
             log(f"merging into {out}: kept {len(doc['rows'])} rows of other series")
-    doc["loadavg_start"] = load_average()
-    load = doc["loadavg_start"]
-    if not gpu and load and load[0] > (os.cpu_count() or 1) - 0.5 and torch.get_num_threads() > 1:
-        # Seen here: python_ref at B=1 took 230-700 ms with 2 threads on a busy
-        # 2-core machine and 3.4 ms with 1 (OpenMP threads wait out each
-        # other's time slices). Such timings measure the neighbours.
-        log(f"WARNING: load average {load[0]:.1f} on {os.cpu_count()} cores with {torch.get_num_threads()} torch "
-            f"threads: multi-threaded timings will be dominated by contention; consider --threads 1")
     log(f"device {doc['device_name']}  torch {doc['torch']}  triton {doc['triton']}  commit {doc['commit'][:12]}")
     log(f"fused op = pgs_select(backend='auto') -> {doc['fused_backend']};  timer: {doc['timer']}")
     if copy_gbps:
@@ -531,7 +526,7 @@ def main(argv=None) -> int:
     if args.preset:
         doc["targets"] = {k: v for k, v in PRESETS[args.preset].items() if k in ("targets", "fused_ms_max")}
         doc["ratios"] = preset_report(args.preset, doc["rows"], device, log)
-    doc["loadavg_end"] = load_average()
+    doc["load"] = load.finish()
     save()
     log(f"\nwrote {out}  ({len(doc['rows'])} rows, {len(doc['skipped'])} skipped; wall {doc['wall_s']} s)")
     if not args.no_plot:

@@ -12,14 +12,14 @@ neighbour hurts each alike.
 
 Prints a table and writes ``bench/results/native-cpu.json`` (overwriting it)
 unless ``--out`` is given: the environment (CPU model, torch version,
-commit), the machine's load average at start and end, and one row per
-(implementation, threads). Targets: native >= 10x faster than the fp32 reference, <= 1 ms per
+commit), the machine's load before and after (with a warning when another
+process held a core the run needed), and one row per (implementation,
+threads). Targets: native >= 10x faster than the fp32 reference, <= 1 ms per
 image on one thread.
 """
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import time
@@ -30,9 +30,9 @@ import pgs_kernels
 import python_ref
 
 if __package__:
-    from .common import argument_parser, cpu_model, environment, load_average, out_help, result_path, write_result
+    from .common import LoadRecord, argument_parser, cpu_model, environment, out_help, result_path, write_result
 else:  # run as a file (python bench/native_speed.py): bench/ is the first import path
-    from common import argument_parser, cpu_model, environment, load_average, out_help, result_path, write_result
+    from common import LoadRecord, argument_parser, cpu_model, environment, out_help, result_path, write_result
 
 TARGETS = {"speedup_vs_fp32_reference_min": 10.0, "ms_per_image_1_thread_max": 1.0}
 DEFAULT_OUT = "native-cpu.json"
@@ -81,7 +81,7 @@ def main(argv=None):
     threads = [int(t) for t in args.threads.split(",") if t]
 
     env = environment("cpu", "native_speed")
-    load_start = load_average()
+    load = LoadRecord(threads=max(threads))
     before = torch.get_num_threads()
     times = {(name, n): [] for name in impls for n in threads}
     try:
@@ -99,7 +99,7 @@ def main(argv=None):
                     times[(name, n)].append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(before)
-    load_end = load_average()
+    load_block = load.finish()
 
     rows = []
     for (name, n), ts in times.items():
@@ -130,7 +130,9 @@ def main(argv=None):
             by[("reference-fp32", n)]["min_ms"] / by[("native", n)]["min_ms"])
     for k, v in summary.items():
         print(f"{k}: {v:.4g}")
-    print(f"load average at start {load_start}, at end {load_end} (the machine has {os.cpu_count()} CPUs)")
+    print(f"load average before {load_block['before']}, after {load_block['after']} "
+          f"({load_block['cpus']} CPUs, up to {load_block['threads']} threads)"
+          + (" -- BUSY, see the warning above" if load_block["busy"] else ""))
 
     result = {
         **env,
@@ -140,8 +142,7 @@ def main(argv=None):
                    "token_weight": args.token_weight, "images_dtype": "float32", "tokens_dtype": "float32",
                    "threads": threads, "repeats": args.repeats, "warmup": args.warmup,
                    "timer": "time.perf_counter, median"},
-        "load_average_start": load_start,
-        "load_average_end": load_end,
+        "load": load_block,
         "targets": TARGETS,
         "summary": summary,
         "rows": rows,

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.common import argument_parser, environment, out_help, result_path, write_result
+from bench.common import LoadRecord, argument_parser, environment, out_help, result_path, write_result
 from pgs_kernels import samples
 
 METHODS = ("random", "published", "cluster", "pgs_no_ot", "pgs")
@@ -226,6 +226,7 @@ def main(argv=None) -> int:
     import pgs_kernels
 
     env = environment("cpu", "retention")
+    load = LoadRecord()
     t0 = time.perf_counter()
     methods = make_methods(args.edge_weight, args.sim_threshold, args.candidate_ratio, args.ot_reg, P)
     synth = evaluate(synthetic_batches(args.scenes, args.batch, P), methods, args.ratios, P, True)
@@ -263,6 +264,7 @@ def main(argv=None) -> int:
 
     doc = {
         **env,
+        "load": load.finish(),
         "pgs_backend": backend,
         "params": {"patch_size": P, "edge_weight": args.edge_weight, "sim_threshold": args.sim_threshold,
                    "candidate_ratio": args.candidate_ratio, "ot_reg": args.ot_reg, "ot_iters": 20,

@@ -1,5 +1,5 @@
 """The benchmark scripts on tiny cases: each runs, writes the JSON it
-documents (environment included) and its figure, keeps to
+documents (environment and load block included) and its figure, keeps to
 its time limit, and asks for a CUDA device with a message, not a traceback.
 Nothing here asserts a time."""
 
@@ -12,17 +12,28 @@ import time
 import pytest
 import torch
 
-from bench import micro, native_speed, plot, retention
+from bench import common, micro, native_speed, plot, retention
 from bench.clip import throughput, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV_KEYS = {"benchmark", "device", "device_name", "torch", "triton", "commit"}
+ENV_KEYS = {"benchmark", "device", "device_name", "torch", "triton", "commit", "load"}
+LOAD_KEYS = {"before", "after", "cpus", "threads", "others_cores_before", "others_cores_during", "busy", "warning"}
 TINY_MICRO = ["--device", "cpu", "--threads", "1", "--batches", "1", "2", "--configs", "32/16", "--dtypes", "fp32"]
 
 
 def check_env(doc, benchmark):
     assert ENV_KEYS <= set(doc), sorted(ENV_KEYS - set(doc))
     assert doc["benchmark"] == benchmark and doc["device"] == "cpu"
+    assert set(doc["load"]) == LOAD_KEYS
+    assert doc["load"]["busy"] == (doc["load"]["warning"] is not None)
+
+
+def test_load_record_measures_other_processes():
+    rec = common.LoadRecord(threads=1, quiet=True, sample_s=0.05)
+    block = rec.finish()
+    assert set(block) == LOAD_KEYS and block["threads"] == 1 and block["cpus"] == os.cpu_count()
+    if os.path.exists("/proc/stat"):
+        assert 0.0 <= block["others_cores_before"] <= 1.5 * block["cpus"]
 
 
 def test_micro_tiny(tmp_path):

@@ -15,8 +15,9 @@ interleave the modes (``--repeats``) and the fastest is kept, so a drifting
 clock or a busy neighbour hurts every mode alike.
 
 Writes ``bench/results/train-<device>.json`` (overwriting it) unless
-``--out`` is given: the device, torch and triton versions, the commit and
-one row per mode: images/s of (a) and (b),
+``--out`` is given: the device, torch and triton versions, the commit, the
+machine's load before and after (with a warning when another process held a
+core the run needed) and one row per mode: images/s of (a) and (b),
 their ratios to ``none``, the step time relative to ``random``, the masking
 slot's milliseconds and share of the step, tokens reaching the blocks, and
 peak memory. Targets (on an H100 with ViT-B/16, batch 256): pgs image tower
@@ -36,7 +37,7 @@ import torch
 from bench.clip.data import SyntheticScenes
 from bench.clip.model import MASK_MODES, CONFIGS, build_model, clip_loss, param_groups
 from bench.clip.train import peak_memory_mb, pgs_backend
-from bench.common import (SectionTimer, argument_parser, device_slug, environment, out_help,
+from bench.common import (LoadRecord, SectionTimer, argument_parser, device_slug, environment, out_help,
                           pick_device, result_path, sync, write_result)
 
 TARGETS = {"tower_pgs_vs_none_min": 1.9, "step_pgs_vs_none_min": 1.6, "step_pgs_vs_random_max": 1.02}
@@ -108,6 +109,7 @@ def run(args) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
+    load = LoadRecord()
     torch.manual_seed(0)
     model = build_model(name, "none", args.mask_ratio, args.grad_checkpointing).to(device).train()
     cfg = model.cfg
@@ -192,6 +194,7 @@ def run(args) -> dict:
         checks["step_pgs_vs_random"] = by["pgs"]["step_time_vs_random"]
     report = {
         **env,
+        "load": load.finish(),
         "pgs_backend": pgs_backend(device),
         "model": name,
         "batch_size": B,

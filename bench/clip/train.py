@@ -15,8 +15,9 @@ Timing never forces a sync on the hot path: step and masking-slot times are
 CUDA event pairs (``perf_counter`` on CPU), read and the losses fetched
 every ``--log-every`` steps after one ``synchronize``. The JSON log has per
 step loss, lr, step ms, masking ms and tokens kept, images/s per logging
-window, and a summary (images/s, step ms, masking share, peak memory, loss
-at start and end). It is written only where
+window, the machine's load before and after (with a warning when another
+process held a core the run needed) and a summary (images/s, step ms, masking
+share, peak memory, loss at start and end). It is written only where
 ``--out`` says (nothing goes into bench/results/ unless asked); the summary is
 printed either way.
 """
@@ -36,7 +37,7 @@ import torch
 
 from bench.clip.data import batches, make_dataset, steps_per_epoch
 from bench.clip.model import MASK_MODES, CONFIGS, build_model, clip_loss, config_dict, param_groups
-from bench.common import SectionTimer, argument_parser, environment, pick_device, write_result
+from bench.common import LoadRecord, SectionTimer, argument_parser, environment, pick_device, write_result
 
 
 def parse_args(argv=None):
@@ -137,13 +138,16 @@ def train(args) -> dict:
     return fit(args)[1]
 
 
-def fit(args, dataset=None, verbose: bool = True):
+def fit(args, dataset=None, record_load: bool = True, verbose: bool = True):
     """Trains as ``args`` say; returns the trained (unwrapped) model and the
     log. ``dataset`` replaces the one ``args.data`` names; without
-    ``verbose`` the summary is not printed."""
+    ``record_load`` the log has no load block (a caller that runs many
+    trainings records the load once); without ``verbose`` the summary is
+    not printed."""
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device = setup_distributed(args.device)
+    load = LoadRecord(quiet=rank != 0) if record_load else None
     torch.manual_seed(args.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
     model = build_model(args.model, args.mask, args.mask_ratio, args.grad_checkpointing).to(device)
     raw = model
@@ -231,6 +235,8 @@ def fit(args, dataset=None, verbose: bool = True):
     summary = summarize(log, device)
     summary["wall_s"] = time.perf_counter() - t_train  # the training loop, data included
     log["summary"] = summary
+    if load is not None:
+        log["load"] = load.finish()
     log = {**environment(device, "train"), **log}
     if rank == 0:
         if args.log_json:
