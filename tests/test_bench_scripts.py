@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bench import common, micro, native_speed, plot, retention
-from bench.clip import throughput, train
+from bench.clip import quality, throughput, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV_KEYS = {"benchmark", "device", "device_name", "torch", "triton", "commit", "load"}
@@ -85,7 +85,8 @@ def test_micro_cuts_a_measurement_short_at_the_time_limit(tmp_path, monkeypatch)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a CUDA device")
-@pytest.mark.parametrize("entry", [micro.main, throughput.main, train.main], ids=["micro", "throughput", "train"])
+@pytest.mark.parametrize("entry", [micro.main, throughput.main, train.main, quality.main],
+                         ids=["micro", "throughput", "train", "quality"])
 def test_cuda_without_a_device_is_a_message(entry, capsys):
     with pytest.raises(SystemExit) as exc:
         entry(["--device", "cuda"])
@@ -93,8 +94,8 @@ def test_cuda_without_a_device_is_a_message(entry, capsys):
     assert "needs a CUDA device" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("entry", [micro.main, native_speed.main, retention.main, throughput.main],
-                         ids=["micro", "native_speed", "retention", "throughput"])
+@pytest.mark.parametrize("entry", [micro.main, native_speed.main, retention.main, throughput.main, quality.main],
+                         ids=["micro", "native_speed", "retention", "throughput", "quality"])
 def test_help_says_where_results_go(entry, capsys):
     with pytest.raises(SystemExit) as exc:
         entry(["--help"])
@@ -144,3 +145,31 @@ def test_plot_draws_known_files_and_skips_others(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "micro-x.png" in text and f"skipped {other}" in text
     assert (tmp_path / "micro-x.png").stat().st_size > 0
+
+
+def test_quality_tiny(tmp_path):
+    out = tmp_path / "quality.json"
+    assert quality.main(["--steps", "3", "--seeds", "1", "--modes", "none,random,pgs", "--ratios", "0.75",
+                         "--batch-size", "8", "--warmup", "1", "--eval-scenes", "16", "--zero-shot-scenes", "16",
+                         "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    check_env(doc, "train_quality")
+    assert [(r["mode"], r["mask_ratio"], r["seed"]) for r in doc["rows"]] == [
+        ("none", 0.0, 0), ("random", 0.75, 0), ("pgs", 0.75, 0)]
+    for r in doc["rows"]:
+        assert r["steps"] == 3 and r["images_per_s"] > 0 and r["wall_s"] > 0
+        for k in ("zero_shot_acc", "i2t_r1", "t2i_r1"):
+            assert 0.0 <= r[k] <= 1.0
+    assert "zero_shot_acc_masked" in doc["rows"][1] and "zero_shot_acc_masked" not in doc["rows"][0]
+    assert {(s["mode"], s["mask_ratio"]) for s in doc["summary"]} == {("none", 0.0), ("random", 0.75), ("pgs", 0.75)}
+    assert (tmp_path / "quality.png").stat().st_size > 0
+
+
+def test_quality_scores_count_shared_captions_as_hits():
+    from bench.clip.quality import retrieval_r1
+
+    img = torch.eye(3)
+    txt = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    # images 0 and 1 share a caption: swapping their texts still hits
+    assert retrieval_r1(img, txt, ["a", "a", "b"]) == {"i2t_r1": 1.0, "t2i_r1": 1.0}
+    assert retrieval_r1(img, txt, ["a", "c", "b"]) == pytest.approx({"i2t_r1": 1 / 3, "t2i_r1": 1 / 3})
