@@ -284,35 +284,47 @@ def train_quality(doc: Dict, png: str) -> List[str]:
     groups: Dict = {}
     for r in rows:
         groups.setdefault((r["mode"], r["mask_ratio"]), []).append(r)
+    order = sorted(groups, key=lambda k: (list(MODE_STYLE).index(k[0]) if k[0] in MODE_STYLE else 9, k[1]))
     metrics = [("zero_shot_acc", "zero-shot accuracy"), ("i2t_r1", "image→text R@1"),
-               ("t2i_r1", "text→image R@1")]
+               ("t2i_r1", "text→image R@1"),
+               ("zero_shot_acc_masked", "zero-shot accuracy, test images\nmasked as in training")]
+    cost = "cpu_s" if all("cpu_s" in r for r in rows) else "wall_s"
+    cost_label = ("CPU time per training run, s (all threads)" if cost == "cpu_s"
+                  else "training wall time per run, s")
     plt = _plt()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.0 * len(metrics), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 4.6), squeeze=False)
     for ax, (key, title) in zip(axes[0], metrics):
-        for (mode, ratio), rs in sorted(groups.items(), key=lambda kv: (list(MODE_STYLE).index(kv[0][0])
-                                                                        if kv[0][0] in MODE_STYLE else 9,
-                                                                        kv[0][1])):
+        for mode, ratio in order:
+            rs = [r for r in groups[(mode, ratio)] if key in r]
+            if not rs:
+                continue
             color, marker = MODE_STYLE.get(mode, ("C7", "x"))
-            x, xs = _mean_std([r["wall_s"] for r in rs])
+            x, xs = _mean_std([r[cost] for r in rs])
             y, ys = _mean_std([r[key] for r in rs])
             filled = ratio <= 0.5  # open markers: the higher mask ratio
             ax.errorbar(x, y, xerr=xs, yerr=ys, fmt=marker, ms=8, color=color, capsize=3,
                         mfc=color if filled else "white", mew=1.6,
                         label=f"{mode}" + (f", mask {ratio:g}" if ratio else ""))
-        ax.set_xlabel("training wall time per run, s (same steps)")
-        ax.set_ylabel(title)
+        if key.endswith("_masked") and ("none", 0.0) in groups:
+            ref = statistics.mean(r[key[:-len("_masked")]] for r in groups[("none", 0.0)])
+            ax.axhline(ref, color=MODE_STYLE["none"][0], ls="--", lw=1)
+            ax.annotate("none, full images", (0.01, ref), xycoords=("axes fraction", "data"),
+                        textcoords="offset points", xytext=(0, 3), fontsize=7)
+        ax.set_xlabel(cost_label, fontsize=9)
         ax.set_title(title, fontsize=10)
         ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="best", framealpha=0.9)
     cfg = doc.get("config", {})
     load = doc.get("load") or {}
-    fig.suptitle(f"Tiny CLIP on held-out captioned scenes: quality against cost "
-                 f"({cfg.get('steps', '?')} steps, batch {cfg.get('batch_size', '?')}, "
-                 f"{len(doc.get('seeds', [])) or '?'} seeds; mean ± std over seeds)", fontsize=10)
+    fig.suptitle(f"Tiny CLIP, held-out captioned scenes: quality against training cost "
+                 f"({cfg.get('steps', '?')} steps of batch {cfg.get('batch_size', '?')} for every mode; "
+                 f"mean ± std over {len(doc.get('seeds', [])) or '?'} seeds)", fontsize=10)
     before = load.get("before")
     fig.text(0.01, 0.01, f"{doc.get('device_name', doc.get('device'))}; torch {doc.get('torch')}; "
              f"{load.get('threads', '?')} thread(s); commit {str(doc.get('commit'))[:10]}"
-             + (f"; load {before[0]:.2f} at start" if before else "") + ("  BUSY MACHINE" if load.get("busy") else ""),
+             + (f"; load {before[0]:.2f} at start" if before else "")
+             + (f"; other processes {load['others_cores_during']} cores on average"
+                if load.get("others_cores_during") is not None else ""),
              fontsize=7, color="0.3")
     fig.tight_layout(rect=(0, 0.03, 1, 0.94))
     fig.savefig(png, dpi=110)

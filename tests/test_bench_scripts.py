@@ -157,7 +157,7 @@ def test_quality_tiny(tmp_path):
     assert [(r["mode"], r["mask_ratio"], r["seed"]) for r in doc["rows"]] == [
         ("none", 0.0, 0), ("random", 0.75, 0), ("pgs", 0.75, 0)]
     for r in doc["rows"]:
-        assert r["steps"] == 3 and r["images_per_s"] > 0 and r["wall_s"] > 0
+        assert r["steps"] == 3 and r["images_per_s"] > 0 and r["wall_s"] > 0 and r["cpu_s"] > 0
         for k in ("zero_shot_acc", "i2t_r1", "t2i_r1"):
             assert 0.0 <= r[k] <= 1.0
     assert "zero_shot_acc_masked" in doc["rows"][1] and "zero_shot_acc_masked" not in doc["rows"][0]
