@@ -308,8 +308,10 @@ def train_quality(doc: Dict, png: str) -> List[str]:
         if key.endswith("_masked") and ("none", 0.0) in groups:
             ref = statistics.mean(r[key[:-len("_masked")]] for r in groups[("none", 0.0)])
             ax.axhline(ref, color=MODE_STYLE["none"][0], ls="--", lw=1)
-            ax.annotate("none, full images", (0.01, ref), xycoords=("axes fraction", "data"),
-                        textcoords="offset points", xytext=(0, 3), fontsize=7)
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(lo, max(hi, ref + 0.08 * (ref - lo)))
+            ax.annotate("none, full images", (0.99, ref), xycoords=("axes fraction", "data"),
+                        textcoords="offset points", xytext=(0, -10), fontsize=7, ha="right")
         ax.set_xlabel(cost_label, fontsize=9)
         ax.set_title(title, fontsize=10)
         ax.grid(True, alpha=0.3)
