@@ -319,7 +319,8 @@ def train_quality(doc: Dict, png: str) -> List[str]:
     cfg = doc.get("config", {})
     load = doc.get("load") or {}
     fig.suptitle(f"Tiny CLIP, held-out captioned scenes: quality against training cost "
-                 f"({cfg.get('steps', '?')} steps of batch {cfg.get('batch_size', '?')} for every mode; "
+                 f"({cfg.get('steps', '?')} steps of batch {cfg.get('batch_size', '?')} for every mode"
+                 + (f", the last {cfg['unmasked_steps']} unmasked" if cfg.get("unmasked_steps") else "") + "; "
                  f"mean ± std over {len(doc.get('seeds', [])) or '?'} seeds)", fontsize=10)
     before = load.get("before")
     fig.text(0.01, 0.01, f"{doc.get('device_name', doc.get('device'))}; torch {doc.get('torch')}; "

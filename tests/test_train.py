@@ -15,7 +15,7 @@ import torch
 
 from bench.clip.data import CsvCaptions, SyntheticScenes
 from bench.clip.model import MASK_MODES, build_model, clip_loss
-from bench.clip.train import lr_at, parse_args, train
+from bench.clip.train import fit, lr_at, parse_args, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,6 +95,14 @@ def test_synthetic_is_deterministic_per_index():
     tok = a_tok[0]
     n = len(d.tokenizer.encode(caption))
     assert tok[0] == 254 and tok[n + 1] == 255 and tok.argmax() == n + 1
+
+
+def test_unmasked_steps_show_every_patch_at_the_end(tmp_path):
+    model, log = fit(parse_args(["--model", "tiny", "--mask", "random", "--mask-ratio", "0.75", "--steps", "4",
+                                 "--unmasked-steps", "2", "--batch-size", "4", "--no-progress", "--device", "cpu"]),
+                     verbose=False)
+    assert [s["tokens"] for s in log["steps"]] == [17, 17, 65, 65]
+    assert model.visual.mask == "random" and model.visual.mask_ratio == 0.75
 
 
 def test_lr_schedule():

@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
     p.add_argument("--wd", type=float, default=0.2)
     p.add_argument("--grad-clip", type=float, default=0.0, help="max grad norm, 0 = off")
+    p.add_argument("--unmasked-steps", type=int, default=0,
+                   help="the last N steps see every patch (unmasked tuning, as FLIP does); default 0")
     p.add_argument("--data", default="synthetic", help="'synthetic' or a CSV of filepath/title rows")
     p.add_argument("--csv-separator", default="\t")
     p.add_argument("--csv-img-key", default="filepath")
@@ -195,6 +197,8 @@ def fit(args, dataset=None, record_load: bool = True, verbose: bool = True):
         if step // per_epoch != epoch:
             epoch = step // per_epoch
             raw.visual.set_epoch(epoch, args.epochs)
+        if step == total - args.unmasked_steps and args.unmasked_steps > 0:
+            raw.visual.set_mask("none")
         lr = lr_at(step, total, warmup, args.lr)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -231,6 +235,8 @@ def fit(args, dataset=None, record_load: bool = True, verbose: bool = True):
             window_t0, window_start = time.perf_counter(), step + 1
     bar.close()
     raw.visual.timer = None
+    if raw.visual.mask != args.mask:  # after unmasked tuning, the model keeps its masking mode
+        raw.visual.set_mask(args.mask, args.mask_ratio)
 
     summary = summarize(log, device)
     summary["wall_s"] = time.perf_counter() - t_train  # the training loop, data included
