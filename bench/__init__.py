@@ -1,1 +1,12 @@
-"""Benchmarks, quality measurements and the thin CLIP trainer of pgs-kernels."""
+"""Benchmarks and studies of pgs-kernels, run from the repository root as
+modules (``python -m bench.<name>``); each writes its JSON into
+``bench/results/`` unless told ``--out``, and ``python -m bench.plot`` draws
+the figures from those files.
+
+* ``micro``         cost per call of the fused op against its baselines;
+* ``native_speed``  the native CPU kernel against the reference;
+* ``retention``     what each masking method keeps (scenes and photos);
+* ``clip``          the CLIP trainer, its throughput and its quality study;
+* ``common``        environment, load record, device choice, timers, writing;
+* ``plot``          every figure, from the result JSON.
+"""

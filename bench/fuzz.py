@@ -32,10 +32,7 @@ elsewhere) with the counts per backend and every finding's seed::
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
 import sys
 import time
 from typing import Dict, List, NamedTuple, Optional
@@ -44,10 +41,10 @@ import torch
 
 import pgs_kernels
 import python_ref
+from bench.common import LoadRecord, argument_parser, environment, out_help, result_path, write_result
 from pgs_kernels import pgs_counts
 from python_ref.compare import compare_with_reference, selection_errors
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CATEGORIES = ("crash", "invariant", "edge", "redundancy", "candidates", "selection", "near_tie")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
@@ -209,49 +206,31 @@ def fuzz(backends: List[str], seconds: float, seed0: int = 0, max_cases: Optiona
             "findings": findings}
 
 
-def _environment() -> Dict:
-    import platform
-    import subprocess
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    return {"device": f"cpu ({platform.processor() or platform.machine()})", "torch": torch.__version__,
-            "commit": commit, "load_before": list(os.getloadavg())}
-
-
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argument_parser(__doc__)
     ap.add_argument("--seconds", type=float, default=600.0, help="time budget (default 600)")
     ap.add_argument("--cases", type=int, help="stop after this many cases")
     ap.add_argument("--seed", type=int, default=0, help="first case's seed")
     ap.add_argument("--backends", nargs="+", help="default: every backend usable on CPU but the interpreter")
     ap.add_argument("--max-patches", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=os.path.join(RESULTS, "fuzz-cpu.json"),
-                    help="JSON path (default bench/results/fuzz-cpu.json, overwritten)")
+    ap.add_argument("--out", default=result_path("fuzz-cpu.json"), help=out_help("fuzz-cpu.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     backends = args.backends or [b for b in pgs_kernels.available_backends("cpu") if b != "triton"]
-    env = _environment()
+    env = environment("cpu", "fuzz")
+    load = LoadRecord(quiet=True)  # counts, not timings: a busy machine only slows it down
     print(f"fuzzing {', '.join(backends)} against the fp64 reference for {args.seconds:g} s "
           f"from seed {args.seed} (commit {env['commit'][:12]})", flush=True)
     res = fuzz(backends, args.seconds, args.seed, args.cases, args.max_patches,
                log=lambda s: print(s, flush=True))
-    env["load_after"] = list(os.getloadavg())
-    doc = {**env, **res, "findings": res["findings"][:500]}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(doc, fh, indent=1)
+    doc = {**env, "load": load.finish(), **res, "findings": res["findings"][:500]}
     print(f"\n{res['seed_end'] - res['seed_start']} cases in {res['seconds']} s")
     for b, c in res["counts"].items():
         bad = sum(c[k] for k in CATEGORIES if k != "near_tie")
         print(f"  {b:10s} {c['cases']} cases, {bad} mismatches, {c['near_tie']} near-ties "
               + " ".join(f"{k}={c[k]}" for k in CATEGORIES if c[k] and k != "near_tie"))
-    print(f"wrote {args.out}")
+    write_result(args.out, doc)
     return 0 if all(sum(c[k] for k in CATEGORIES if k != "near_tie") == 0 for c in res["counts"].values()) else 1
 
 

@@ -18,13 +18,28 @@ Every ratio compares rows measured in the same run.
 
 A slow implementation is skipped for the larger batches of a series once its
 predicted time per call passes a budget (``--budget-ms``; the fused op has
-its own, ``--fused-budget-ms``); skips are listed in the table and the JSON.
+its own, ``--fused-budget-ms``). Every run has a time limit (``--time-limit``,
+default 360 s on CPU, 540 s on CUDA): a measurement predicted to end past it
+is skipped, and one still running at the limit is cut short; the run then
+writes what it has. Skips are listed in the table and the JSON.
+
+Presets: ``--preset vit-b16`` is ViT-B/16's selection at training batch
+sizes (B 32, 256, 1024; 224/16; fp32 images; bf16 tokens x768;
+``token_weight=0.5``), reported with its target ratios: the fused op at
+least 10x faster than the eager fp32 reference and 3x faster than the
+compiled one, and at most 0.2 ms at batch 256 (GPU).
+
+Writes ``bench/results/micro-<device>.json`` (``micro-vit-b16-<device>.json``
+with the preset), overwriting it, unless ``--out`` is given, and the plot
+beside it (``python -m bench.plot``). The JSON carries the environment and
+the machine's load before and after, with a warning when another process
+held a core the run needed.
 
 Examples::
 
     python -m bench.micro                    # default sweep on CUDA if present, else CPU
     python -m bench.micro --quick
-    python -m bench.micro --issue3           # the Triton issue's preset and ratios
+    python -m bench.micro --device cuda --preset vit-b16 --time-limit 300
     python -m bench.micro --configs 224/16 336/14 --dtypes fp32 --batches 1 32 1024
 """
 
@@ -32,22 +47,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
-import statistics
-import subprocess
+import signal
 import sys
+import threading
 import time
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
-if __package__ in (None, ""):  # run as a script: make the repo importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
+from bench.common import (LoadRecord, argument_parser, device_slug, environment, out_help, pick_device,
+                          result_path, sync, time_cpu, time_cuda, timer_name, write_result)
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CONFIGS = ("224/16", "224/14", "336/14", "384/16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOKEN_WIDTH = 768
@@ -55,101 +68,28 @@ TOKEN_WEIGHT = 0.5
 FUSED = "pgs_select[auto]"
 GPU_BATCHES = (1, 4, 16, 64, 256, 1024)
 CPU_BATCHES = (1, 4, 16, 64, 256, 1024)
-# The Triton issue's acceptance ratios (fused must be this many times faster).
-ISSUE3_TARGETS = {"python_ref_fp32": 10.0, "python_ref_compiled": 3.0}
+PRESETS = {
+    "vit-b16": {
+        "batches": [32, 256, 1024],
+        "series": [(224, 16, "fp32", "bf16")],
+        # how many times faster than each baseline the fused op must be
+        "targets": {"python_ref_fp32": 10.0, "python_ref_compiled": 3.0},
+        # the fused op's median at one batch size, on a GPU
+        "fused_ms_max": {"batch": 256, "ms": 0.2},
+    },
+}
 
 
-# ----------------------------------------------------------------------------- environment
-
-def device_slug(device: torch.device) -> str:
-    """``cpu``, or the GPU model as a short lowercase name (``h100``)."""
-    if device.type != "cuda":
-        return device.type
-    name = torch.cuda.get_device_name(device).lower()
-    for tok in re.split(r"[^a-z0-9]+", name):
-        if re.fullmatch(r"[a-z]+\d+", tok) and tok not in ("nvidia", "geforce"):
-            return tok
-    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "cuda"
+class TimeLimitReached(BaseException):
+    """Raised by the alarm at the time limit; a BaseException so that the
+    per-implementation error handling does not swallow it."""
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
+def fused_backend(device: torch.device) -> str:
+    """The backend ``pgs_select(backend="auto")`` runs on ``device``."""
+    import pgs_kernels
 
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def triton_version() -> Optional[str]:
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return None
-
-
-# ----------------------------------------------------------------------------- timing
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_cpu(fn: Callable, target_s: float = 0.15, min_reps: int = 3, max_reps: int = 50) -> Tuple[float, float]:
-    """(median, min) ms of ``fn`` after one warm-up call; the number of
-    repeats fills about ``target_s`` but stays within [min_reps, max_reps]."""
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    n = max(min_reps, min(max_reps, int(target_s / max(first, 1e-7))))
-    times = [first]  # the estimate is a genuine post-warm-up sample
-    for _ in range(n - 1):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times), 1e3 * min(times)
-
-
-def time_cuda(fn: Callable, device: torch.device) -> float:
-    """Median ms of ``fn`` on the GPU, after warm-up."""
-    fn()
-    torch.cuda.synchronize(device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    est = max(start.elapsed_time(end), 1e-3)
-    try:
-        from triton.testing import do_bench
-    except ImportError:
-        do_bench = None
-    if do_bench is not None:
-        # do_bench repeats ``rep`` ms worth; ask for at least 5 samples of slow calls.
-        return float(do_bench(fn, warmup=max(25, int(2 * est)), rep=max(100, int(5 * est)) + 1,
-                              return_mode="median"))
-    n = max(5, min(200, int(100 / est)))
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(n):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return float(statistics.median(times))
+    return pgs_kernels.resolve_backend("auto", device).name
 
 
 def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -190,7 +130,7 @@ def make_impls(device: torch.device, names: Optional[List[str]], compile_ok: boo
                                                               backend=backend)
 
     impls[FUSED] = ("auto", op("auto"))
-    resolved = resolve_auto(device)
+    resolved = fused_backend(device)
     for b in pgs_kernels.available_backends(device):
         # On CPU "triton" is the interpreter: a debugging aid, hours per sweep.
         if b == resolved or (b == "triton" and device.type != "cuda"):
@@ -218,11 +158,6 @@ def make_impls(device: torch.device, names: Optional[List[str]], compile_ok: boo
         impls = {k: v for k, v in impls.items() if k == FUSED or k in names}
     return impls
 
-
-def resolve_auto(device: torch.device) -> str:
-    import pgs_kernels
-
-    return pgs_kernels.resolve_backend("auto", device).name
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -254,27 +189,36 @@ def bytes_read(images, tokens, noise) -> int:
     return n
 
 
+def predicted_wall_s(device: torch.device, call_ms: float) -> float:
+    """Seconds one measurement of a call of ``call_ms`` takes: warm-up and
+    repeats (``time_cpu``: about 4 calls at least; ``do_bench``: 8 calls
+    and 125 ms at least)."""
+    if device.type == "cuda":
+        return 0.2 + 8 * call_ms / 1e3
+    return max(4 * call_ms, 150 + 2 * call_ms) / 1e3
+
+
 def run_series(device, impls, batches, res, P, dtype_name, tokens_dtype_name, budget_ms, fused_budget_ms,
-               copy_gbps, deadline, compile_state, log) -> Tuple[List[Dict], List[Dict]]:
-    """One (resolution, patch, dtype, tokens) series over ``batches``.
-    Returns (rows, skipped)."""
+               copy_gbps, deadline, compile_state, log, rows: List[Dict], skipped: List[Dict],
+               save: Callable[[], None]) -> None:
+    """One (resolution, patch, dtype, tokens) series over ``batches``,
+    appended to ``rows`` and ``skipped``; ``save()`` after every batch."""
     dtype = DTYPES[dtype_name]
     tdt = DTYPES[tokens_dtype_name] if tokens_dtype_name else None
     tw = TOKEN_WEIGHT if tdt is not None else 0.0
     base = {"height": res, "width": res, "patch_size": P, "dtype": dtype_name,
             "tokens": tdt is not None, "tokens_dtype": tokens_dtype_name, "token_width": TOKEN_WIDTH if tdt else 0,
             "token_weight": tw}
-    rows, skipped = [], []
     last: Dict[str, Tuple[int, float]] = {}  # impl -> (batch, ms) of its last measurement
     dead: Dict[str, str] = {}  # impl -> why it is not run any more in this series
     for B in batches:
         todo = []
+        preds: Dict[str, float] = {}
         for name in impls:
             why = dead.get(name)
             if why is None and name != FUSED and FUSED in dead:
                 why = "fused op skipped"
-            if why is None and time.monotonic() > deadline:
-                why = "sweep time limit"
+            pred = None
             if why is None and name in last:
                 b0, ms0 = last[name]
                 pred = ms0 * B / b0
@@ -282,6 +226,7 @@ def run_series(device, impls, batches, res, P, dtype_name, tokens_dtype_name, bu
                 if pred > lim:
                     why = f"predicted {pred:.0f} ms > budget {lim:.0f} ms"
                     dead[name] = why
+            preds[name] = pred or 0.0
             if why is None and name == "python_ref_compiled" and compile_state.get("error"):
                 why = compile_state["error"]
             if why is None and name == "python_ref_compiled" and time.monotonic() > compile_state["deadline"]:
@@ -290,20 +235,29 @@ def run_series(device, impls, batches, res, P, dtype_name, tokens_dtype_name, bu
                 skipped.append({"impl": name, "backend": impls[name][0], "batch": B, **base, "skipped": why})
             else:
                 todo.append(name)
+        if todo and time.monotonic() > deadline:
+            skipped += [{"impl": n, "backend": impls[n][0], "batch": B, **base, "skipped": "time limit"} for n in todo]
+            todo = []
         if not todo:
             continue
         x, t, u = make_inputs(B, res, P, dtype, tdt, device)
         fused_ms = None
         for name in todo:
             backend, f = impls[name]
+            # a new shape recompiles: count the last compile's time too
+            need = predicted_wall_s(device, preds[name]) + compile_state["first_call_s"].get(name, 0.0)
+            if time.monotonic() + need > deadline:
+                skipped.append({"impl": name, "backend": backend, "batch": B, **base, "skipped": "time limit"})
+                continue
             call = lambda: f(x, t, u, P, tw)  # noqa: E731
             extra = {}
             try:
                 if name == "python_ref_compiled":
                     t0 = time.perf_counter()
                     call()
-                    _sync(device)
+                    sync(device)
                     extra["first_call_s"] = round(time.perf_counter() - t0, 3)
+                    compile_state["first_call_s"][name] = extra["first_call_s"]
                 if device.type == "cuda":
                     ms = ms_min = time_cuda(call, device)
                 else:
@@ -325,7 +279,7 @@ def run_series(device, impls, batches, res, P, dtype_name, tokens_dtype_name, bu
             row = {"impl": name, "backend": backend, "batch": B, **base, "ms": round(ms, 5), **extra}
             if name == FUSED:
                 fused_ms = ms
-                row["resolved_backend"] = resolve_auto(device)
+                row["resolved_backend"] = fused_backend(device)
                 nb = bytes_read(x, t, u)
                 row["bytes_read"] = nb
                 row["gbps"] = round(nb / (ms * 1e-3) / 1e9, 3)
@@ -340,7 +294,7 @@ def run_series(device, impls, batches, res, P, dtype_name, tokens_dtype_name, bu
         del x, t, u
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows, skipped
+        save()
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -393,60 +347,24 @@ def print_series(rows, skipped, impls, key, log) -> None:
         log(f"  skipped {first[0]} at B={','.join(map(str, bs))}: {first[1] if len(first) > 1 else ''}")
 
 
-def plot(path: str, rows, device_label: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = []
-    for r in rows:
-        k = (r["height"], r["patch_size"], r["dtype"], r["tokens_dtype"])
-        if k not in keys:
-            keys.append(k)
-    if not keys:
-        return
-    ncol = min(3, len(keys))
-    nrow = math.ceil(len(keys) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.8 * ncol, 3.6 * nrow), squeeze=False)
-    impls = []
-    for r in rows:
-        if r["impl"] not in impls:
-            impls.append(r["impl"])
-    colors = {n: f"C{i}" for i, n in enumerate(impls)}
-    for ax, k in zip(axes.flat, keys):
-        for n in impls:
-            pts = sorted((r["batch"], r["ms"]) for r in rows
-                         if r["impl"] == n and (r["height"], r["patch_size"], r["dtype"], r["tokens_dtype"]) == k)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, lw=1.5 if n != FUSED else 2.5,
-                        color=colors[n], label=short(n))
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_title(f"{k[0]}/{k[1]} {k[2]} tokens {k[3] or 'off'}", fontsize=9)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("ms per call")
-        ax.grid(True, which="both", alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"PGS selection latency, {device_label}", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the suptitle
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def issue3_report(rows, log) -> Dict:
-    """The Triton issue's ratios: fused vs eager reference (>= 10x), vs the
-    compiled reference (>= 3x), vs published and random (reported only)."""
+def preset_report(preset: str, rows, device: torch.device, log) -> Dict:
+    """The preset's ratios (time of X / time of the fused op) at each batch
+    size, and whether each target is met; figures to meet, not asserts."""
+    spec = PRESETS[preset]
+    targets, fmax = spec["targets"], spec["fused_ms_max"]
     out = {}
-    log("\nIssue 3 ratios (time of X / time of fused; targets are measurements, not asserts)")
+    log(f"\n{preset} preset: time of X / time of the fused op (targets: "
+        + ", ".join(f"{short(n)} >= {t:g}x" for n, t in targets.items())
+        + f", fused <= {fmax['ms']} ms at B={fmax['batch']} on a GPU)")
     for B in sorted({r["batch"] for r in rows}):
         by = {r["impl"]: r for r in rows if r["batch"] == B}
         if FUSED not in by:
             continue
         entry = {"fused_ms": by[FUSED]["ms"]}
         parts = []
+        if B == fmax["batch"] and device.type == "cuda":
+            entry["fused_ms_target_met"] = by[FUSED]["ms"] <= fmax["ms"]
+            parts.append(f"<= {fmax['ms']} ms: {'met' if entry['fused_ms_target_met'] else 'missed'}")
         for n in ("python_ref_fp32", "python_ref_compiled", "published", "random"):
             if n not in by:
                 entry[n] = None
@@ -454,8 +372,8 @@ def issue3_report(rows, log) -> Dict:
                 continue
             x = by[n]["ms"] / by[FUSED]["ms"]
             entry[n] = round(x, 3)
-            tgt = ISSUE3_TARGETS.get(n)
-            verdict = "" if tgt is None else (f" (>= {tgt:g}x: {'met' if x >= tgt else 'missed'})")
+            tgt = targets.get(n)
+            verdict = "" if tgt is None else f" (>= {tgt:g}x: {'met' if x >= tgt else 'missed'})"
             if tgt is not None:
                 entry[f"{n}_target_met"] = x >= tgt
             parts.append(f"{short(n)} {x:.2f}x{verdict}")
@@ -466,13 +384,11 @@ def issue3_report(rows, log) -> Dict:
 
 # ----------------------------------------------------------------------------- main
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+def parse_args(argv=None):
+    ap = argument_parser(__doc__)
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="a fixed set of series and batches, with targets")
     ap.add_argument("--quick", action="store_true", help="small sweep: B 1, 8, 64; 224/16; fp32")
-    ap.add_argument("--issue3", action="store_true",
-                    help="B 32, 256, 1024; 224/16; fp32 images; bf16 tokens x768; token_weight 0.5")
     ap.add_argument("--batches", type=int, nargs="+")
     ap.add_argument("--configs", nargs="+", help="resolution/patch, e.g. 224/16 336/14")
     ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES))
@@ -484,18 +400,24 @@ def main(argv=None) -> int:
     ap.add_argument("--fused-budget-ms", type=float, help="the same for the fused op")
     ap.add_argument("--compile-budget-s", type=float, default=240.0,
                     help="stop timing the compiled reference after this many seconds of the run")
-    ap.add_argument("--time-limit", type=float, help="seconds; later series are skipped and listed")
+    ap.add_argument("--time-limit", type=float,
+                    help="seconds the whole run may take (default: 360 on CPU, 540 on CUDA)")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
-    ap.add_argument("--out", help="JSON path (the PNG goes beside it)")
+    ap.add_argument("--out", help=out_help("micro-<device>.json"))
     ap.add_argument("--merge", action="store_true",
                     help="keep the other series already in the output JSON (same device): split a long "
                          "sweep over several runs")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
+    if args.time_limit is not None and args.time_limit <= 0:
+        ap.error(f"--time-limit must be > 0, got {args.time_limit}")
+    return args
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = time.monotonic()
+    device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     gpu = device.type == "cuda"
@@ -506,9 +428,9 @@ def main(argv=None) -> int:
     dtypes = args.dtypes or list(DTYPES)
     token_modes = {"both": [False, True], "off": [False], "on": [True]}[args.tokens]
     series = []  # (res, P, image dtype, tokens dtype or None)
-    if args.issue3:
-        batches = args.batches or [32, 256, 1024]
-        series = [(224, 16, "fp32", "bf16")]
+    if args.preset:
+        batches = args.batches or list(PRESETS[args.preset]["batches"])
+        series = list(PRESETS[args.preset]["series"])
     else:
         if args.quick:
             batches = args.batches or [1, 8, 64]
@@ -523,35 +445,31 @@ def main(argv=None) -> int:
     budget_ms = args.budget_ms or (5000.0 if gpu else 250.0)
     fused_budget_ms = args.fused_budget_ms or (20000.0 if gpu else 800.0)
     time_limit = args.time_limit or (540.0 if gpu else 360.0)
+    # What is left at the end goes to writing the JSON and the plot.
+    deadline = t_start + time_limit - max(2.0, min(20.0, 0.05 * time_limit))
     compile_ok = not args.no_compile and (gpu or args.compile_cpu)
 
     slug = device_slug(device)
-    out = args.out or os.path.join(RESULTS, f"micro-{slug}{'-issue3' if args.issue3 else ''}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    out = args.out or result_path(f"micro-{args.preset + '-' if args.preset else ''}{slug}.json")
 
     def log(s=""):
         print(s, flush=True)
 
-    t_start = time.monotonic()
-    deadline = t_start + time_limit
-    compile_state = {"deadline": t_start + args.compile_budget_s, "error": None}
+    compile_state = {"deadline": t_start + args.compile_budget_s, "error": None, "first_call_s": {}}
+    load = LoadRecord()
     impls = make_impls(device, args.impls, compile_ok)
     copy_gbps = copy_bandwidth_gbps(device) if gpu else None
     doc = {
-        "device": slug,
-        "device_name": device_name(device),
-        "torch": torch.__version__,
-        "triton": triton_version(),
-        "commit": git_commit(),
-        "fused_backend": resolve_auto(device),
-        "timer": ("triton.testing.do_bench median (L2 flushed)" if gpu and triton_version()
-                  else "cuda events median" if gpu else "time.perf_counter median after warm-up"),
+        **environment(device, "micro"),
+        "fused_backend": fused_backend(device),
+        "timer": timer_name(device),
         "copy_gbps": round(copy_gbps, 2) if copy_gbps else None,
         "impls": {n: b for n, (b, _) in impls.items()},
         "settings": {"batches": batches, "series": [list(s) for s in series], "budget_ms": budget_ms,
                      "fused_budget_ms": fused_budget_ms, "time_limit_s": time_limit,
                      "token_width": TOKEN_WIDTH, "token_weight_with_tokens": TOKEN_WEIGHT,
-                     "issue3": args.issue3, "threads": torch.get_num_threads()},
+                     "preset": args.preset, "threads": torch.get_num_threads()},
+        "load": load.record(),
         "rows": [],
         "skipped": [],
     }
@@ -568,41 +486,54 @@ def main(argv=None) -> int:
             doc["skipped"] = [r for r in old.get("skipped", []) if other(r)]
             doc["merged_commits"] = sorted(set(old.get("merged_commits", [old.get("commit")])) | {doc["commit"]})
             log(f"merging into {out}: kept {len(doc['rows'])} rows of other series")
-    doc["loadavg_start"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    load = doc["loadavg_start"]
-    if not gpu and load and load[0] > (os.cpu_count() or 1) - 0.5 and torch.get_num_threads() > 1:
-        # Seen here: python_ref at B=1 took 230-700 ms with 2 threads on a busy
-        # 2-core machine and 3.4 ms with 1 (OpenMP threads wait out each
-        # other's time slices). Such timings measure the neighbours.
-        log(f"WARNING: load average {load[0]:.1f} on {os.cpu_count()} cores with {torch.get_num_threads()} torch "
-            f"threads: multi-threaded timings will be dominated by contention; consider --threads 1")
     log(f"device {doc['device_name']}  torch {doc['torch']}  triton {doc['triton']}  commit {doc['commit'][:12]}")
     log(f"fused op = pgs_select(backend='auto') -> {doc['fused_backend']};  timer: {doc['timer']}")
     if copy_gbps:
         log(f"device-to-device copy bandwidth: {copy_gbps:.1f} GB/s (read + write)")
-    log(f"implementations: {', '.join(impls)}")
+    log(f"implementations: {', '.join(impls)};  time limit {time_limit:.0f} s")
 
-    for res, P, d, tk in series:
-        rows, skipped = run_series(device, impls, batches, res, P, d, tk, budget_ms, fused_budget_ms, copy_gbps,
-                                   deadline, compile_state, log)
-        doc["rows"] += rows
-        doc["skipped"] += skipped
-        print_series(doc["rows"], doc["skipped"], impls, (res, P, d, tk), log)
+    def save():
         doc["wall_s"] = round(time.monotonic() - t_start, 1)
-        with open(out, "w") as fh:  # after every series, so a killed run keeps what it measured
-            json.dump(doc, fh, indent=1)
+        write_result(out, doc, quiet=True)  # after every batch, so a killed run keeps what it measured
 
-    if args.issue3:
-        doc["issue3"] = issue3_report(doc["rows"], log)
-    doc["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    doc["wall_s"] = round(time.monotonic() - t_start, 1)
-    with open(out, "w") as fh:
-        json.dump(doc, fh, indent=1)
+    def on_alarm(signum, frame):
+        raise TimeLimitReached()
+
+    # The alarm cuts short a measurement still running at the deadline (a
+    # slow compile, a slow baseline); past the deadline nothing new starts.
+    remaining = deadline - time.monotonic()
+    use_alarm = (remaining > 0 and hasattr(signal, "SIGALRM")
+                 and threading.current_thread() is threading.main_thread())
+    if use_alarm:
+        previous = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, remaining)
+    try:
+        for res, P, d, tk in series:
+            run_series(device, impls, batches, res, P, d, tk, budget_ms, fused_budget_ms, copy_gbps,
+                       deadline, compile_state, log, doc["rows"], doc["skipped"], save)
+            print_series(doc["rows"], doc["skipped"], impls, (res, P, d, tk), log)
+            save()
+    except TimeLimitReached:
+        doc["stopped"] = f"time limit of {time_limit:.0f} s reached; the series and batches not listed were not run"
+        log(f"\n{doc['stopped']}")
+    finally:
+        if use_alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    if args.preset:
+        doc["targets"] = {k: v for k, v in PRESETS[args.preset].items() if k in ("targets", "fused_ms_max")}
+        doc["ratios"] = preset_report(args.preset, doc["rows"], device, log)
+    doc["load"] = load.finish()
+    save()
     log(f"\nwrote {out}  ({len(doc['rows'])} rows, {len(doc['skipped'])} skipped; wall {doc['wall_s']} s)")
     if not args.no_plot:
-        png = os.path.splitext(out)[0] + ".png"
-        plot(png, doc["rows"], doc["device_name"])
-        log(f"wrote {png}")
+        from bench.plot import plot_file
+
+        for png in plot_file(out):
+            log(f"wrote {png}")
     return 0
 
 

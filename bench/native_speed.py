@@ -1,6 +1,6 @@
 """Speed of the native C++ CPU kernel against the pure-PyTorch reference.
 
-    python bench/native_speed.py            # batch 64, 224x224, patch 16, tokens 768, token_weight 0.5
+    python -m bench.native_speed            # batch 64, 224x224, patch 16, tokens 768, token_weight 0.5
 
 Times ``pgs_kernels.pgs_select(..., backend="native")`` and
 ``python_ref.pgs_select(..., dtype=float32)`` (and ``dtype=float64``, for
@@ -10,37 +10,36 @@ after ``--warmup`` calls, timed with ``time.perf_counter``; for each thread
 count the implementations are interleaved round by round, so a busy
 neighbour hurts each alike.
 
-Prints a table and writes ``bench/results/native-cpu.json``: the CPU model,
-torch version, commit, the machine's load average at start and end, and one
-row per (implementation, threads). Targets: native >= 10x faster than the
-fp32 reference, <= 1 ms per image on one thread.
+Prints a table and writes ``bench/results/native-cpu.json`` (overwriting it)
+unless ``--out`` is given: the environment (CPU model, torch version,
+commit), the machine's load before and after (with a warning when another
+process held a core the run needed), and one row per (implementation,
+threads). Targets: native >= 10x faster than the fp32 reference, <= 1 ms per
+image on one thread.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+import pgs_kernels
+import python_ref
 
-import pgs_kernels  # noqa: E402
-import python_ref  # noqa: E402
+if __package__:
+    from .common import LoadRecord, argument_parser, cpu_model, environment, out_help, result_path, write_result
+else:  # run as a file (python bench/native_speed.py): bench/ is the first import path
+    from common import LoadRecord, argument_parser, cpu_model, environment, out_help, result_path, write_result
 
 TARGETS = {"speedup_vs_fp32_reference_min": 10.0, "ms_per_image_1_thread_max": 1.0}
+DEFAULT_OUT = "native-cpu.json"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argument_parser(__doc__)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--patch-size", type=int, default=16)
@@ -50,40 +49,14 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-fp64", action="store_true", help="skip the (slow) fp64 reference")
-    p.add_argument("--out", default=os.path.join(_ROOT, "bench", "results", "native-cpu.json"))
+    p.add_argument("--out", default=result_path(DEFAULT_OUT), help=out_help(DEFAULT_OUT))
     return p.parse_args(argv)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_simd() -> str:
     """The compiled variant the native kernel dispatches to on this CPU, as
     the kernel itself reports it."""
     return {16: "avx512", 8: "avx2", 4: "baseline"}[pgs_kernels.op._C.simd_width()]
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=_ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def load_average():
-    try:
-        return list(os.getloadavg())
-    except OSError:
-        return None
 
 
 def main(argv=None):
@@ -107,7 +80,8 @@ def main(argv=None):
         impls["reference-fp64"] = lambda: python_ref.pgs_select(images, tokens, dtype=torch.float64, **kw)
     threads = [int(t) for t in args.threads.split(",") if t]
 
-    load_start = load_average()
+    env = environment("cpu", "native_speed")
+    load = LoadRecord(threads=max(threads))
     before = torch.get_num_threads()
     times = {(name, n): [] for name in impls for n in threads}
     try:
@@ -125,7 +99,7 @@ def main(argv=None):
                     times[(name, n)].append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(before)
-    load_end = load_average()
+    load_block = load.finish()
 
     rows = []
     for (name, n), ts in times.items():
@@ -156,29 +130,24 @@ def main(argv=None):
             by[("reference-fp32", n)]["min_ms"] / by[("native", n)]["min_ms"])
     for k, v in summary.items():
         print(f"{k}: {v:.4g}")
-    print(f"load average at start {load_start}, at end {load_end} (the machine has {os.cpu_count()} CPUs)")
+    print(f"load average before {load_block['before']}, after {load_block['after']} "
+          f"({load_block['cpus']} CPUs, up to {load_block['threads']} threads)"
+          + (" -- BUSY, see the warning above" if load_block["busy"] else ""))
 
     result = {
-        "benchmark": "native_speed",
-        "device": cpu_model(),
+        **env,
+        "cpu_model": cpu_model(),
         "cpu_simd": simd,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "commit": git_commit(),
         "config": {"batch_size": B, "size": S, "patch_size": P, "num_patches": L, "token_dim": D,
                    "token_weight": args.token_weight, "images_dtype": "float32", "tokens_dtype": "float32",
-                   "repeats": args.repeats, "warmup": args.warmup, "timer": "time.perf_counter, median"},
-        "load_average_start": load_start,
-        "load_average_end": load_end,
+                   "threads": threads, "repeats": args.repeats, "warmup": args.warmup,
+                   "timer": "time.perf_counter, median"},
+        "load": load_block,
         "targets": TARGETS,
         "summary": summary,
         "rows": rows,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
     return result
 
 

@@ -48,7 +48,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from bench import scenes
+from pgs_kernels import samples as scenes
 from python_ref import published as pub
 from python_ref.pgs import patchify as patchify_cpq
 
@@ -64,10 +64,6 @@ CANDIDATE_RATIO = 0.05  # the published patch-dropout probability
 SIM_THRESHOLD = 0.5  # the published target_mask_ratio
 TOKEN_DIM = 16
 
-# CLIP's input normalization (the OpenAI dataset mean and std per channel):
-# elementwise, so the same uint8 image gives the same float input anywhere.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # --------------------------------------------------------------------------
@@ -178,10 +174,9 @@ def run_official(cls, images: torch.Tensor, tokens: torch.Tensor, *, seed: int, 
 # --------------------------------------------------------------------------
 
 def clip_normalize(u8: torch.Tensor) -> torch.Tensor:
-    """``(B, 3, H, W)`` uint8 -> float32 ``(x / 255 - mean_c) / std_c``."""
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(CLIP_STD, dtype=torch.float32)[:, None, None]
-    return (u8.float() / 255.0 - mean) / std
+    """``(B, 3, H, W)`` uint8 -> float32 CLIP input; elementwise, so the same
+    uint8 image gives the same float input anywhere."""
+    return scenes.clip_normalize(u8.float() / 255.0)
 
 
 def to_u8(display: np.ndarray) -> np.ndarray:
@@ -217,7 +212,7 @@ def make_tokens(images: torch.Tensor, seed: int) -> torch.Tensor:
 # --------------------------------------------------------------------------
 
 FIXTURE_PHOTOS = ("camera", "coins", "clock", "moon", "rocket", "hubble_deep_field", "astronaut")
-FIXTURE_SCENES = (0, 1, 2, 5)  # bench/scenes.make_scene seeds: all three backgrounds
+FIXTURE_SCENES = (0, 1, 2, 5)  # pgs_kernels.samples.make_scene seeds: all three backgrounds
 FIXTURE_BLOCKS = (0, 1)
 
 
@@ -368,7 +363,7 @@ divisions) and this provenance.
 
 - `images_u8`: {len(meta['image_names'])} images, 224 x 224, uint8 (names in
   `meta_json`): scikit-image photos resized by area, synthetic scenes of
-  `bench/scenes.py` (`make_scene(seed)`) and noise-free flat-rectangle scenes.
+  `pgs_kernels/samples.py` (`make_scene(seed)`) and noise-free flat-rectangle scenes.
   They are fed as `(x / 255 - mean) / std` with CLIP's per-channel
   constants, an elementwise computation that gives the same floats anywhere.
 - `tokens`: float16 stand-ins for patch embeddings (a random projection of

@@ -14,24 +14,26 @@ Methods, all at the same mask ratio and on the same noise:
 Metrics, per image, then mean and std over images x seeds:
 
 * ``object_kept``: kept object patches / object patches (synthetic only; an
-  object patch has >= 50 % object pixels, ``scenes.object_patches``);
+  object patch has >= 50 % object pixels, ``samples.object_patches``);
 * ``edge_kept``: sum of kept ``e_j`` / sum of all ``e_j``, ``e_j`` the mean
   Sobel magnitude of the normalized image over patch ``j`` (the SPEC's
   ``e_j`` before min-max);
 * ``keep_frac``: kept patches / L.
 
+Scenes are ``pgs_kernels.samples.make_scene(seed)`` for seeds ``0..N-1``;
+photos are scikit-image's, centre-cropped to a square and resized to 224²
+(``pgs_kernels.samples.load_photo``).
+
 Run ``python -m bench.retention`` (``--quick`` for a smoke run). Writes
-``bench/results/retention.json``, ``retention.png`` (photos) and
-``retention-scenes.png`` (synthetic scenes).
+``bench/results/retention.json`` (overwriting it) unless ``--out`` is given,
+and beside it ``retention.png`` (photos) and ``retention-scenes.png``
+(synthetic scenes), each with every method's dropped patches in grey
+(``python -m bench.plot`` redraws them from the JSON).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import subprocess
 import sys
 import time
 import warnings
@@ -41,12 +43,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-if __package__ in (None, ""):  # run as a script: make the repo importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import LoadRecord, argument_parser, environment, out_help, result_path, write_result
+from pgs_kernels import samples
 
-from bench import scenes  # noqa: E402
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 METHODS = ("random", "published", "cluster", "pgs_no_ot", "pgs")
 RATIOS = (0.3, 0.5, 0.75)
 
@@ -149,8 +148,8 @@ def evaluate(batches, methods: Dict[str, Callable], ratios: Sequence[float], pat
 def synthetic_batches(n_scenes: int, batch: int, patch_size: int):
     for start in range(0, n_scenes, batch):
         seeds = list(range(start, min(n_scenes, start + batch)))
-        images, masks, bgs, _ = scenes.make_scenes(seeds)
-        yield images, scenes.object_patches(masks, patch_size), start, bgs
+        images, masks, bgs, _ = samples.make_scenes(seeds)
+        yield images, samples.object_patches(masks, patch_size), start, bgs
 
 
 def photo_batches(images: torch.Tensor, names: Sequence[str], n_seeds: int):
@@ -176,42 +175,38 @@ def print_table(title: str, res: Dict, metrics: Sequence[str]) -> None:
                   + f"   {rel:6.2f}x")
 
 
-def _grey(display: np.ndarray, dropped: np.ndarray, patch_size: int) -> np.ndarray:
-    """Blend dropped patches towards mid-grey so kept content stands out."""
-    img = display.copy()
-    gh, gw = img.shape[0] // patch_size, img.shape[1] // patch_size
+FIGURE_METHODS = ("random", "published", "pgs")
+FIGURE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+def figure_selections(methods: Dict[str, Callable], photos: torch.Tensor, batch: int, ratio: float,
+                      patch_size: int) -> Dict:
+    """The dropped patches the figures show: four photos and one scene of
+    each background kind at ``ratio``, from noise seed 0; photos are selected
+    as one batch of all photos and scenes as one batch of ``batch`` scenes,
+    as in the study."""
     P = patch_size
-    for j in np.flatnonzero(dropped):
-        y, x = (j // gw) * P, (j % gw) * P
-        img[y:y + P, x:x + P] = 0.15 * img[y:y + P, x:x + P] + 0.85 * 0.5
-    return img
-
-
-def figure(path: str, rows, col_titles: Sequence[str], row_titles: Sequence[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    nr, nc = len(rows), len(rows[0])
-    fig, axes = plt.subplots(nr, nc, figsize=(2.2 * nc, 2.2 * nr), squeeze=False)
-    for i, row in enumerate(rows):
-        for j, img in enumerate(row):
-            ax = axes[i, j]
-            ax.imshow(img, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(col_titles[j], fontsize=10)
-            if j == 0:
-                ax.set_ylabel(row_titles[i], fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.rand((photos.shape[0], photos.shape[2] * photos.shape[3] // P ** 2), generator=gen)
+    drops = {m: methods[m](photos, noise, ratio, gen) for m in FIGURE_METHODS}
+    picks = [samples.PHOTO_NAMES.index(n) for n in FIGURE_PHOTOS]
+    doc = {"patch_size": P, "mask_ratio": ratio, "methods": list(FIGURE_METHODS),
+           "photos": {"names": list(FIGURE_PHOTOS), "size": photos.shape[-1],
+                      "dropped": {m: [torch.nonzero(d[i]).flatten().tolist() for i in picks]
+                                  for m, d in drops.items()}}}
+    images, masks, bgs, _ = samples.make_scenes(range(batch))
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.rand((images.shape[0], images.shape[2] * images.shape[3] // P ** 2), generator=gen)
+    drops = {m: methods[m](images, noise, ratio, gen) for m in FIGURE_METHODS}
+    picks = [bgs.index(b) for b in samples.BACKGROUNDS if b in bgs]
+    doc["scenes"] = {"seeds": picks, "size": images.shape[-1],
+                     "dropped": {m: [torch.nonzero(d[i]).flatten().tolist() for i in picks]
+                                 for m, d in drops.items()}}
+    return doc
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argument_parser(__doc__)
     ap.add_argument("--scenes", type=int, default=256, help="synthetic scenes (seeds 0..N-1)")
     ap.add_argument("--batch", type=int, default=32, help="batch size per call (sets published's keep count)")
     ap.add_argument("--photo-seeds", type=int, default=16, help="noise seeds per photo")
@@ -221,8 +216,7 @@ def main(argv=None) -> int:
     ap.add_argument("--candidate-ratio", type=float, default=0.05)
     ap.add_argument("--ot-reg", type=float, default=0.05)
     ap.add_argument("--quick", action="store_true", help="64 scenes, 4 photo seeds")
-    ap.add_argument("--out", default=RESULTS, help="output folder")
-    ap.add_argument("--tag", default="", help="suffix of the output names (for parameter sweeps)")
+    ap.add_argument("--out", default=result_path("retention.json"), help=out_help("retention.json"))
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
@@ -231,21 +225,23 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message="pgs_kernels: the native CPU kernel is not built")
     import pgs_kernels
 
+    env = environment("cpu", "retention")
+    load = LoadRecord()
     t0 = time.perf_counter()
     methods = make_methods(args.edge_weight, args.sim_threshold, args.candidate_ratio, args.ot_reg, P)
     synth = evaluate(synthetic_batches(args.scenes, args.batch, P), methods, args.ratios, P, True)
     t_synth = time.perf_counter() - t0
-    photos, displays = scenes.load_photos(scenes.PHOTO_NAMES)
-    real = evaluate(photo_batches(photos, scenes.PHOTO_NAMES, args.photo_seeds), methods, args.ratios, P, False)
+    photos, _ = samples.load_photos(samples.PHOTO_NAMES)
+    real = evaluate(photo_batches(photos, samples.PHOTO_NAMES, args.photo_seeds), methods, args.ratios, P, False)
     elapsed = time.perf_counter() - t0
 
-    backend = "native" if "native" in pgs_kernels.available_backends("cpu") else "reference"
+    backend = pgs_kernels.resolve_backend("auto", "cpu").name
     print(f"pgs backend (auto on cpu): {backend};  w_e={args.edge_weight} theta={args.sim_threshold} "
           f"candidate_ratio={args.candidate_ratio} eps={args.ot_reg}")
     print_table(f"Synthetic scenes: {args.scenes} scenes, batches of {args.batch}, 224^2, P=16 "
                 "(mean±std over scenes)", synth, ("object_kept", "edge_kept", "keep_frac"))
-    print_table(f"Photos: {len(scenes.PHOTO_NAMES)} photos x {args.photo_seeds} seeds, one batch of "
-                f"{len(scenes.PHOTO_NAMES)} (mean±std over photo x seed)", real, ("edge_kept", "keep_frac"))
+    print_table(f"Photos: {len(samples.PHOTO_NAMES)} photos x {args.photo_seeds} seeds, one batch of "
+                f"{len(samples.PHOTO_NAMES)} (mean±std over photo x seed)", real, ("edge_kept", "keep_frac"))
 
     targets = {}
     if "0.5" in synth:
@@ -266,54 +262,27 @@ def main(argv=None) -> int:
               f"({'met' if targets['edge_target_met'] else 'MISSED'})")
     print(f"\nwall time {elapsed:.1f} s (synthetic {t_synth:.1f} s)")
 
-    os.makedirs(args.out, exist_ok=True)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
     doc = {
-        "commit": commit,
-        "torch": torch.__version__,
+        **env,
+        "load": load.finish(),
         "pgs_backend": backend,
         "params": {"patch_size": P, "edge_weight": args.edge_weight, "sim_threshold": args.sim_threshold,
                    "candidate_ratio": args.candidate_ratio, "ot_reg": args.ot_reg, "ot_iters": 20,
                    "object_patch_min_fraction": 0.5},
         "synthetic": {"scenes": args.scenes, "batch": args.batch, "size": 224, "results": synth},
-        "photos": {"names": list(scenes.PHOTO_NAMES), "seeds": args.photo_seeds, "batch": len(scenes.PHOTO_NAMES),
-                   "results": real},
+        "photos": {"names": list(samples.PHOTO_NAMES), "seeds": args.photo_seeds,
+                   "batch": len(samples.PHOTO_NAMES), "size": 224, "crop": "centre square", "results": real},
         "targets": targets,
         "wall_s": elapsed,
     }
-    suffix = f"-{args.tag}" if args.tag else ""
-    path = os.path.join(args.out, f"retention{suffix}.json")
-    with open(path, "w") as fh:
-        json.dump(doc, fh, indent=1)
-    print(f"wrote {path}")
-
     if not args.no_plot:
-        show = ("random", "published", "pgs")
-        r = 0.5
-        gen = torch.Generator().manual_seed(0)
-        noise = torch.rand((photos.shape[0], photos.shape[2] * photos.shape[3] // P ** 2), generator=gen)
-        drops = {m: methods[m](photos, noise, r, gen).numpy() for m in show}
-        picks = [scenes.PHOTO_NAMES.index(n) for n in ("astronaut", "coffee", "chelsea", "rocket")]
-        rows = [[displays[i]] + [_grey(displays[i], drops[m][i], P) for m in show] for i in picks]
-        titles = ["photo"] + [f"{m} ({int((~drops[m][0].astype(bool)).sum())}/196 kept)" for m in show]
-        figure(os.path.join(args.out, f"retention{suffix}.png"), rows, titles,
-               [scenes.PHOTO_NAMES[i] for i in picks])
+        doc["figures"] = figure_selections(methods, photos, args.batch, 0.5, P)
+    write_result(args.out, doc)
+    if not args.no_plot:
+        from bench.plot import plot_file
 
-        images, masks, bgs, disp = scenes.make_scenes(range(args.batch))
-        objects = scenes.object_patches(masks, P)
-        gen = torch.Generator().manual_seed(0)
-        noise = torch.rand((images.shape[0], objects.shape[1]), generator=gen)
-        drops = {m: methods[m](images, noise, r, gen).numpy() for m in show}
-        picks = [bgs.index(b) for b in scenes.BACKGROUNDS if b in bgs]
-        rows = [[disp[i], _grey(disp[i], ~objects[i].numpy(), P)] + [_grey(disp[i], drops[m][i], P) for m in show]
-                for i in picks]
-        figure(os.path.join(args.out, f"retention{suffix}-scenes.png"), rows,
-               ["scene", "object patches"] + list(show), [bgs[i] for i in picks])
-        print(f"wrote {os.path.join(args.out, f'retention{suffix}.png')} and retention{suffix}-scenes.png")
+        for png in plot_file(args.out):
+            print(f"wrote {png}")
     return 0
 
 

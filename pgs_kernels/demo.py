@@ -2,13 +2,14 @@
 
     python -m pgs_kernels.demo [--out demo_out] [--mask-ratio 0.5] [--seed 0]
 
-Runs ``pgs_select`` on scikit-image's sample photos and on a few synthetic
-scenes (a textured object on a smooth background), prints per-image selection
-statistics (edge energy kept by PGS and by random masking, candidates,
-redundant patches) and the time per call of every backend available here,
-and writes ``<out>/pgs_demo.png``: each image beside its random mask and its
-PGS mask (dropped patches greyed out). Needs the ``demo`` extra
-(scikit-image, matplotlib).
+Runs ``pgs_select`` on scikit-image's sample photos (centre-cropped to a
+square, then resized to 224²) and on a few synthetic scenes (textured objects
+on smooth, gradient or textured backgrounds; ``pgs_kernels.samples``), prints
+per-image selection statistics (edge energy kept by PGS and by random
+masking, candidates, redundant patches) and the time per call of every
+backend available here, and writes ``<out>/pgs_demo.png``: each image beside
+its random mask and its PGS mask, dropped patches in grey. Needs the
+``demo`` extra (scikit-image, matplotlib).
 """
 
 from __future__ import annotations
@@ -18,51 +19,28 @@ import os
 import statistics
 import time
 
-import numpy as np
 import torch
 
 import python_ref
-from pgs_kernels import available_backends, pgs_select
+from pgs_kernels import available_backends, pgs_select, samples
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
 
-def _normalize(t: torch.Tensor) -> torch.Tensor:
-    return (t - t.mean(dim=(1, 2), keepdim=True)) / (t.std(dim=(1, 2), keepdim=True) + 1e-6)
-
-
 def load_photos(size: int = 224):
-    """scikit-image sample photos as ``(N, 3, size, size)`` normalized tensors,
-    plus the unnormalized RGB in [0, 1] for display."""
-    from skimage import data
-
-    rgb = []
-    for name in PHOTOS:
-        img = np.asarray(getattr(data, name)(), dtype=np.float32) / 255.0
-        if img.ndim == 2:
-            img = np.repeat(img[..., None], 3, axis=2)
-        t = torch.from_numpy(img[..., :3]).permute(2, 0, 1)[None]
-        rgb.append(torch.nn.functional.interpolate(t, size=(size, size), mode="area")[0])
-    rgb = torch.stack(rgb)
-    return torch.stack([_normalize(t) for t in rgb]), rgb, list(PHOTOS)
+    """The demo's photos: ``(N, 3, size, size)`` standardized tensors, their
+    RGB in [0, 1] ``(N, 3, size, size)`` for display, and their names."""
+    rgb = torch.stack([samples.photo(name, size) for name in PHOTOS])
+    return samples.standardize(rgb), rgb, list(PHOTOS)
 
 
 def synthetic_scenes(n: int, size: int = 224, seed: int = 0):
-    """Textured disks (the object) on smooth gradients (the background)."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    rgb = []
-    for _ in range(n):
-        base = torch.rand(3, 1, 1, generator=g)
-        img = base * (0.6 + 0.4 * yy) + 0.1 * xx
-        cy, cx = (0.3 + 0.4 * torch.rand(2, generator=g)).tolist()
-        radius = 0.12 + 0.15 * torch.rand(1, generator=g).item()
-        inside = ((yy - cy) ** 2 + (xx - cx) ** 2) < radius**2
-        texture = torch.rand(3, size, size, generator=g)
-        img = torch.where(inside, texture, img).clamp(0, 1)
-        rgb.append(img)
-    rgb = torch.stack(rgb)
-    return torch.stack([_normalize(t) for t in rgb]), rgb, [f"synthetic-{i}" for i in range(n)]
+    """``n`` scenes of ``samples.make_scene`` (seeds ``seed .. seed + n - 1``),
+    standardized, with their display RGB and names."""
+    scenes = [samples.make_scene(seed + i, size) for i in range(n)]
+    rgb = torch.stack([torch.from_numpy(s["display"]).permute(2, 0, 1).float() for s in scenes])
+    names = [f"scene {seed + i} ({s['background']})" for i, s in enumerate(scenes)]
+    return torch.stack([s["image"] for s in scenes]), rgb, names
 
 
 def time_call(fn, repeats: int = 5) -> float:
@@ -90,36 +68,30 @@ def render(rgb, masks_random, masks_pgs, names, patch_size, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     n = len(names)
-    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n))
+    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n + 0.4))
     axes = np.atleast_2d(axes)
-    H, W = rgb.shape[-2:]
-    gw = W // patch_size
-
-    def masked(img, mask):
-        out = img.permute(1, 2, 0).numpy().copy()
-        for j in torch.nonzero(mask).flatten().tolist():
-            r, c = divmod(j, gw)
-            sl = (slice(r * patch_size, (r + 1) * patch_size), slice(c * patch_size, (c + 1) * patch_size))
-            out[sl] = 0.5 * out[sl] + 0.5 * 0.55  # grey out, keep a trace of the content
-        return out
-
     for i, name in enumerate(names):
-        for col, (title, img) in enumerate(
-            (("image", rgb[i].permute(1, 2, 0).numpy()),
-             ("random", masked(rgb[i], masks_random[i])),
-             ("PGS", masked(rgb[i], masks_pgs[i])))
+        img = rgb[i].permute(1, 2, 0).numpy()
+        for col, (title, shown) in enumerate(
+            (("image", img),
+             ("random masking", samples.grey_dropped(img, masks_random[i].numpy(), patch_size)),
+             ("PGS", samples.grey_dropped(img, masks_pgs[i].numpy(), patch_size)))
         ):
             ax = axes[i, col]
-            ax.imshow(np.clip(img, 0, 1))
+            ax.imshow(np.clip(shown, 0, 1))
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(title)
             if col == 0:
                 ax.set_ylabel(name, fontsize=8)
-    fig.tight_layout()
+    kept = int((~masks_pgs[0]).sum())
+    fig.text(0.5, 0.005, f"grey = dropped patch ({kept} of {masks_pgs.shape[1]} patches kept, "
+             f"{patch_size}x{patch_size} px; same noise for both methods)", ha="center", va="bottom", fontsize=9)
+    fig.tight_layout(rect=(0, 0.4 / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
@@ -154,10 +126,10 @@ def main(argv=None):
     print(f"PGS selection on {B} images {tuple(images.shape[1:])}, patch {P}, L={L}, "
           f"mask_ratio={args.mask_ratio}: keep {pgs.keep_idx.shape[1]}, "
           f"{pgs.candidates.shape[1]} candidates, device {device}")
-    print(f"{'image':<14}{'edge kept PGS':>14}{'edge kept rnd':>14}{'redundant':>11}")
+    print(f"{'image':<20}{'edge kept PGS':>14}{'edge kept rnd':>14}{'redundant':>11}")
     for i, name in enumerate(names):
-        print(f"{name:<14}{kept_pgs[i]:>14.3f}{kept_rnd[i]:>14.3f}{int(redundant[i]):>11d}")
-    print(f"{'mean':<14}{kept_pgs.mean():>14.3f}{kept_rnd.mean():>14.3f}")
+        print(f"{name:<20}{kept_pgs[i]:>14.3f}{kept_rnd[i]:>14.3f}{int(redundant[i]):>11d}")
+    print(f"{'mean':<20}{kept_pgs.mean():>14.3f}{kept_rnd.mean():>14.3f}")
 
     print(f"\ntime per call, batch {B} (median of 5, {device}):")
     for backend in available_backends(device):

@@ -9,30 +9,23 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import pgs_kernels  # noqa: E402
 import python_ref  # noqa: E402
-from pgs_kernels import pgs_counts  # noqa: E402
+from pgs_kernels import pgs_counts, samples  # noqa: E402
 from python_ref.compare import compare_with_reference, decided_rows, selection_errors  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "camera")
+PHOTO_NAMES = samples.PHOTO_NAMES[:5]  # astronaut, coffee, chelsea, rocket, camera
 
 
 def load_photo(name: str, size=(224, 224)) -> torch.Tensor:
-    """A scikit-image sample photo as a (3, H, W) float32 tensor, normalized
-    per channel (mean 0, std 1) like a CLIP input, resized by area."""
-    from skimage import data
-
-    img = np.asarray(getattr(data, name)(), dtype=np.float32) / 255.0
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=2)
-    t = torch.from_numpy(img[..., :3]).permute(2, 0, 1)[None]
-    t = torch.nn.functional.interpolate(t, size=size, mode="area")[0]
-    return (t - t.mean(dim=(1, 2), keepdim=True)) / (t.std(dim=(1, 2), keepdim=True) + 1e-6)
+    """A scikit-image sample photo as a (3, H, W) float32 tensor, centre-cropped
+    to the aspect of ``size``, resized by area and standardized per channel
+    (mean 0, std 1) like a CLIP input."""
+    return samples.standardize(samples.photo(name, size))
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The thin CLIP trainer (bench/clip_model.py, clip_data.py, train_clip.py):
+"""The thin CLIP trainer (bench/clip/model.py, data.py, train.py):
 every masking mode trains, the right number of tokens reaches the blocks, a
 2-process gloo run works, the loss falls on synthetic scenes, and the CSV
 loader reads real files and names the bad ones."""
@@ -13,13 +13,11 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from bench.clip.data import CsvCaptions, SyntheticScenes
+from bench.clip.model import MASK_MODES, build_model, clip_loss
+from bench.clip.train import fit, lr_at, parse_args, train
 
-from bench.clip_data import CsvCaptions, SyntheticScenes  # noqa: E402
-from bench.clip_model import MASK_MODES, build_model, clip_loss  # noqa: E402
-from bench.train_clip import lr_at, parse_args, train  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -99,6 +97,14 @@ def test_synthetic_is_deterministic_per_index():
     assert tok[0] == 254 and tok[n + 1] == 255 and tok.argmax() == n + 1
 
 
+def test_unmasked_steps_show_every_patch_at_the_end(tmp_path):
+    model, log = fit(parse_args(["--model", "tiny", "--mask", "random", "--mask-ratio", "0.75", "--steps", "4",
+                                 "--unmasked-steps", "2", "--batch-size", "4", "--no-progress", "--device", "cpu"]),
+                     verbose=False)
+    assert [s["tokens"] for s in log["steps"]] == [17, 17, 65, 65]
+    assert model.visual.mask == "random" and model.visual.mask_ratio == 0.75
+
+
 def test_lr_schedule():
     assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
     assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
@@ -116,6 +122,7 @@ def test_loss_falls_on_synthetic(tmp_path):
     start, end = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert end < 0.75 * start, (start, end)
     saved = json.loads((tmp_path / "log.json").read_text())
+    assert saved["benchmark"] == "train" and saved["load"]["threads"] >= 1
     assert saved["summary"]["tokens"] == 33
     # the published schedule: token weight epoch / epochs
     assert {s["token_weight"] for s in saved["steps"]} == {0.0, 0.5}
@@ -130,9 +137,10 @@ def free_port() -> int:
 
 def test_two_process_gloo(tmp_path):
     out = tmp_path / "ddp.json"
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # -m: each worker runs ``python -m bench.clip.train`` from the repository root
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), os.path.join(ROOT, "bench", "train_clip.py"),
+           "--master_port", str(free_port()), "-m", "bench.clip.train",
            "--model", "tiny", "--mask", "pgs", "--steps", "2", "--batch-size", "4", "--device", "cpu",
            "--no-progress", "--log-json", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)

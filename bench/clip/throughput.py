@@ -1,6 +1,6 @@
 """Training throughput of each masking mode on one model and one batch.
 
-    python bench/throughput.py                 # CUDA: ViT-B/16, batch 256, bf16; CPU: tiny, batch 64
+    python -m bench.clip.throughput            # CUDA: ViT-B/16, batch 256, bf16; CPU: tiny, batch 64
 
 For every mode (none, random, pgs, pgs-reference, published) it times
 
@@ -14,8 +14,10 @@ before, once after). A round's figure is the per-step median; rounds
 interleave the modes (``--repeats``) and the fastest is kept, so a drifting
 clock or a busy neighbour hurts every mode alike.
 
-Writes ``bench/results/train-<device>.json`` with the device, torch and
-triton versions, the commit and one row per mode: images/s of (a) and (b),
+Writes ``bench/results/train-<device>.json`` (overwriting it) unless
+``--out`` is given: the device, torch and triton versions, the commit, the
+machine's load before and after (with a warning when another process held a
+core the run needed) and one row per mode: images/s of (a) and (b),
 their ratios to ``none``, the step time relative to ``random``, the masking
 slot's milliseconds and share of the step, tokens reaching the blocks, and
 peak memory. Targets (on an H100 with ViT-B/16, batch 256): pgs image tower
@@ -24,34 +26,26 @@ peak memory. Targets (on an H100 with ViT-B/16, batch 256): pgs image tower
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import math
-import os
-import platform
 import statistics
-import subprocess
 import sys
-import time
 from contextlib import nullcontext
 
 import torch
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from bench.clip_data import SyntheticScenes  # noqa: E402
-from bench.clip_model import MASK_MODES, CONFIGS, SectionTimer, build_model, clip_loss, param_groups  # noqa: E402
-from bench.train_clip import peak_memory_mb, pgs_backend  # noqa: E402
+from bench.clip.data import SyntheticScenes
+from bench.clip.model import MASK_MODES, CONFIGS, build_model, clip_loss, param_groups
+from bench.clip.train import peak_memory_mb, pgs_backend
+from bench.common import (LoadRecord, SectionTimer, argument_parser, device_slug, environment, out_help,
+                          pick_device, result_path, sync, write_result)
 
 TARGETS = {"tower_pgs_vs_none_min": 1.9, "step_pgs_vs_none_min": 1.6, "step_pgs_vs_random_max": 1.02}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default=None, help="default: cuda when available")
+    p = argument_parser(__doc__)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--model", default=None, choices=sorted(CONFIGS), help="default: vit-b-16 on CUDA, tiny on CPU")
     p.add_argument("--batch-size", type=int, default=None, help="default: 256 on CUDA, 64 on CPU")
     p.add_argument("--mask-ratio", type=float, default=0.5)
@@ -64,50 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--out", default=None, help="default: bench/results/train-<device>.json")
+    p.add_argument("--out", default=None, help=out_help("train-<device>.json"))
     return p.parse_args(argv)
-
-
-def device_slug(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    name = torch.cuda.get_device_name(device).lower()
-    for tag in ("h200", "h100", "a100", "l40s", "a10g", "l4", "t4", "v100"):
-        if tag in name:
-            return tag
-    return "".join(c if c.isalnum() else "-" for c in name).strip("-") or "cuda"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def git_commit():
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_ROOT, capture_output=True, text=True, timeout=10)
-        if head.returncode:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return head.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def triton_version():
-    try:
-        import triton
-
-        return triton.__version__
-    except Exception:  # absent or broken: the report just says so
-        return None
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(fn, model, device, warmup: int, steps: int):
@@ -138,10 +90,11 @@ def measure(fn, model, device, warmup: int, steps: int):
 
 
 def run(args) -> dict:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     cuda = device.type == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
+    env = environment(device, "train_throughput")
     name = args.model or ("vit-b-16" if cuda else "tiny")
     B = args.batch_size or (256 if cuda else 64)
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 3)
@@ -156,6 +109,7 @@ def run(args) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
+    load = LoadRecord()
     torch.manual_seed(0)
     model = build_model(name, "none", args.mask_ratio, args.grad_checkpointing).to(device).train()
     cfg = model.cfg
@@ -187,6 +141,7 @@ def run(args) -> dict:
     tokens = {}
     for rnd in range(repeats):
         for m in modes:
+            model.visual.set_mask("none")  # the saved state has no dropout layer (nor its schedule buffer)
             model.load_state_dict(init_state)
             model.visual.set_mask(m, args.mask_ratio)
             model.visual.set_epoch(args.token_weight, 1.0)
@@ -238,11 +193,8 @@ def run(args) -> dict:
     if "pgs" in by and "random" in by:
         checks["step_pgs_vs_random"] = by["pgs"]["step_time_vs_random"]
     report = {
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "triton": triton_version(),
-        "commit": git_commit(),
-        "python": platform.python_version(),
+        **env,
+        "load": load.finish(),
         "pgs_backend": pgs_backend(device),
         "model": name,
         "batch_size": B,
@@ -258,19 +210,14 @@ def run(args) -> dict:
         "checks": checks,
         "targets": TARGETS,
         "targets_apply": cuda and name == "vit-b-16" and "h100" in device_slug(device),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    out = args.out or os.path.join(_ROOT, "bench", "results", f"train-{device_slug(device)}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=1)
     print_table(report)
-    print(f"wrote {out}")
+    write_result(args.out or result_path(f"train-{device_slug(device)}.json"), report)
     return report
 
 
 def print_table(rep: dict) -> None:
-    print(f"{rep['device']} | torch {rep['torch']} | triton {rep['triton']} | {rep['model']} batch "
+    print(f"{rep['device_name']} | torch {rep['torch']} | triton {rep['triton']} | {rep['model']} batch "
           f"{rep['batch_size']} {rep['precision']} | mask_ratio {rep['mask_ratio']} | pgs backend {rep['pgs_backend']}")
     head = (f"{'mode':14s} {'tokens':>6s} {'tower img/s':>12s} {'x none':>7s} {'step img/s':>11s} {'x none':>7s} "
             f"{'t/random':>8s} {'mask ms':>8s} {'% step':>7s} {'peak MB':>9s}")

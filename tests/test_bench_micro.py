@@ -2,8 +2,9 @@
 
 It runs with the normal test run (``python -m pytest``) in a few seconds and
 asserts only that each call returns a well-formed selection, never a time:
-timings on a shared 2-core machine say nothing. Larger sweeps live in
-``bench/micro.py``.
+timings on a shared 2-core machine say nothing. Each timing carries the
+machine's load (``extra_info["load"]``), and a busy machine gets a warning in
+the test summary. Larger sweeps live in ``bench/micro.py``.
 """
 
 import os
@@ -16,6 +17,7 @@ warnings.filterwarnings("ignore", message="pgs_kernels: the native CPU kernel is
 
 import pgs_kernels  # noqa: E402
 import python_ref  # noqa: E402
+from bench.common import LoadRecord  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, RES, P = 4, 64, 16
@@ -33,9 +35,19 @@ def inputs():
     return images, tokens, noise
 
 
-def _run(benchmark, fn, rounds=5, warmup_rounds=1):
+@pytest.fixture(scope="module")
+def load():
+    rec = LoadRecord(quiet=True)
+    yield rec
+    rec.finish()
+    if rec.warnings:
+        warnings.warn("the benchmark timings of this run measure a busy machine: " + "; ".join(rec.warnings))
+
+
+def _run(benchmark, fn, load, rounds=5, warmup_rounds=1):
     # pedantic: a fixed, small number of rounds keeps the suite fast whatever
     # the default calibration would choose.
+    benchmark.extra_info["load"] = load.record()
     return benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
 
 
@@ -46,7 +58,7 @@ def _check(sel, keep=K):
 
 @pytest.mark.parametrize("backend", pgs_kernels.available_backends(DEVICE))
 @pytest.mark.parametrize("with_tokens", [False, True], ids=["pixels", "tokens"])
-def test_bench_pgs_select(benchmark, inputs, backend, with_tokens):
+def test_bench_pgs_select(benchmark, inputs, load, backend, with_tokens):
     images, tokens, noise = inputs
     kw = dict(noise=noise, patch_size=P, backend=backend)
     if with_tokens:
@@ -56,26 +68,27 @@ def test_bench_pgs_select(benchmark, inputs, backend, with_tokens):
     interp = backend == "triton" and INTERPRETED
     benchmark.group = "pgs_select"
     benchmark.extra_info["interpreted"] = interp
-    sel = _run(benchmark, lambda: pgs_kernels.pgs_select(images, tokens if with_tokens else None, **kw),
+    sel = _run(benchmark, lambda: pgs_kernels.pgs_select(images, tokens if with_tokens else None, **kw), load,
                rounds=1 if interp else 5, warmup_rounds=0 if interp else 1)
     _check(sel)
 
 
-def test_bench_reference_fp32(benchmark, inputs):
+def test_bench_reference_fp32(benchmark, inputs, load):
     images, _, noise = inputs
     benchmark.group = "baselines"
-    _check(_run(benchmark, lambda: python_ref.pgs_select(images, noise=noise, patch_size=P, dtype=torch.float32)))
+    _check(_run(benchmark, lambda: python_ref.pgs_select(images, noise=noise, patch_size=P, dtype=torch.float32),
+                load))
 
 
-def test_bench_published(benchmark, inputs):
+def test_bench_published(benchmark, inputs, load):
     images, _, noise = inputs
     benchmark.group = "baselines"
-    sel = _run(benchmark, lambda: python_ref.published_pgs(images, noise=noise, patch_size=P))
+    sel = _run(benchmark, lambda: python_ref.published_pgs(images, noise=noise, patch_size=P), load)
     # The published keep count depends on the batch; it never exceeds K.
     assert 1 <= sel.keep_idx.shape[1] <= K
 
 
-def test_bench_random_masking(benchmark, inputs):
+def test_bench_random_masking(benchmark, inputs, load):
     images, _, noise = inputs
     benchmark.group = "baselines"
-    _check(_run(benchmark, lambda: python_ref.random_masking(images, noise=noise, patch_size=P)))
+    _check(_run(benchmark, lambda: python_ref.random_masking(images, noise=noise, patch_size=P), load))

@@ -1,10 +1,11 @@
 """Image-caption data for the thin CLIP trainer.
 
-* :class:`SyntheticScenes` (the default): 1-3 coloured shapes on a dark,
-  slightly noisy background, each in its own cell of a 3x3 layout, captioned
-  e.g. "a red circle on the left and a blue square at the bottom". Sample
-  ``i`` depends only on ``(seed, i)``, so every run, batch size and rank
-  count sees the same data. Colour, shape and place are all needed to tell
+* :class:`SyntheticScenes` (the default): ``pgs_kernels.samples.CaptionedScenes``
+  (1-3 coloured shapes on a dark, slightly noisy background, each in its own
+  cell of a 3x3 layout, captioned e.g. "a red circle on the left and a blue
+  square at the bottom"), CLIP-normalized and tokenized. Sample ``i`` depends
+  only on ``(seed, i)``, so every run, batch size and rank count sees the
+  same data. Colour, shape and place are all needed to tell
   captions apart, so a tiny model's contrastive loss falls within a few
   hundred CPU steps.
 * :class:`CsvCaptions`: real pairs in open_clip's CSV convention (a
@@ -22,7 +23,6 @@ for end-of-text (the largest id, which the text tower pools at).
 from __future__ import annotations
 
 import csv
-import math
 import os
 import re
 import zlib
@@ -30,29 +30,9 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-# OpenAI CLIP's pixel normalization
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-COLORS = {
-    "red": (0.9, 0.1, 0.1),
-    "green": (0.1, 0.8, 0.2),
-    "blue": (0.15, 0.3, 0.95),
-    "yellow": (0.95, 0.9, 0.1),
-    "purple": (0.6, 0.2, 0.8),
-    "white": (0.95, 0.95, 0.95),
-    "orange": (1.0, 0.55, 0.05),
-    "cyan": (0.1, 0.85, 0.9),
-}
-SHAPES = ("circle", "square", "triangle", "cross")
-# 3x3 layout cells, row-major, and how a caption names them
-PLACES = ("at the top left", "at the top", "at the top right",
-          "on the left", "in the center", "on the right",
-          "at the bottom left", "at the bottom", "at the bottom right")
-
+from pgs_kernels.samples import COLORS, PLACES, SHAPES, CaptionedScenes, clip_normalize
 
 class SceneTokenizer:
     """One id per word of the scene captions (plus ``,``); ids 1..n."""
@@ -106,18 +86,14 @@ def pack(ids: List[List[int]], context_length: int, sot: int, eot: int) -> Tenso
     return out
 
 
-def normalize(images: Tensor) -> Tensor:
-    """(B, 3, H, W) in [0, 1] -> CLIP-normalized."""
-    mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
-    return (images - mean) / std
-
-
 class SyntheticScenes:
-    """Deterministic captioned scenes; indexable without bound (``len`` is nominal)."""
+    """:class:`pgs_kernels.samples.CaptionedScenes` as training data:
+    CLIP-normalized pixels and scene-word token ids; indexable without bound
+    (``len`` is nominal)."""
 
     def __init__(self, image_size: int = 64, context_length: int = 32, vocab_size: int = 256,
                  seed: int = 0, size: int = 1 << 30, max_shapes: int = 3):
+        self.scenes = CaptionedScenes(image_size, seed=seed, max_shapes=max_shapes)
         self.image_size, self.seed, self.size, self.max_shapes = image_size, seed, size, max_shapes
         self.tokenizer = SceneTokenizer(context_length, vocab_size)
 
@@ -126,62 +102,16 @@ class SyntheticScenes:
 
     def describe(self, index: int):
         """The scene of sample ``index``: a list of (color, shape, cell, jitter, scale), and its caption."""
-        rng = np.random.default_rng([self.seed, index])
-        n = int(rng.integers(1, self.max_shapes + 1))
-        cells = rng.choice(len(PLACES), size=n, replace=False)
-        colors = rng.choice(len(COLORS), size=n, replace=False)
-        objs = []
-        for c, cell in zip(colors, cells):
-            objs.append((list(COLORS)[c], SHAPES[int(rng.integers(len(SHAPES)))], int(cell),
-                         rng.uniform(-0.04, 0.04, size=2), float(rng.uniform(0.10, 0.15))))
-        objs.sort(key=lambda o: o[2])  # caption reads top-left to bottom-right
-        parts = [f"{'an' if col[0] in 'aeiou' else 'a'} {col} {shp} {PLACES[cell]}" for col, shp, cell, _, _ in objs]
-        caption = parts[0] if n == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-        return objs, caption
+        return self.scenes.describe(index)
 
     def render(self, indices: Sequence[int], device: torch.device | str = "cpu") -> Tuple[Tensor, List[str]]:
-        """Pixels in [0, 1], (B, 3, S, S) on ``device``, and captions. Shapes are
-        drawn as masks on a shared coordinate grid, one slot per shape."""
-        S, B = self.image_size, len(indices)
-        scenes = [self.describe(int(i)) for i in indices]
-        n = self.max_shapes
-        # per (sample, slot): centre, half-size, colour, shape id; absent slots get size 0
-        cx = torch.zeros(B, n); cy = torch.zeros(B, n); hs = torch.zeros(B, n)
-        rgb = torch.zeros(B, n, 3); kind = torch.full((B, n), -1)
-        for b, (objs, _) in enumerate(scenes):
-            for s, (col, shp, cell, jit, scale) in enumerate(objs):
-                cy[b, s] = (cell // 3 + 0.5) / 3 + jit[0]
-                cx[b, s] = (cell % 3 + 0.5) / 3 + jit[1]
-                hs[b, s] = scale
-                rgb[b, s] = torch.tensor(COLORS[col])
-                kind[b, s] = SHAPES.index(shp)
-        cx, cy, hs, rgb, kind = (t.to(device) for t in (cx, cy, hs, rgb, kind))
-        coords = (torch.arange(S, device=device, dtype=torch.float32) + 0.5) / S
-        yy, xx = coords.view(1, 1, S, 1), coords.view(1, 1, 1, S)
-        dx, dy = xx - cx[..., None, None], yy - cy[..., None, None]  # (B, n, S, S)
-        h = hs[..., None, None]
-        k = kind[..., None, None]
-        circle = dx * dx + dy * dy <= h * h
-        square = (dx.abs() <= 0.85 * h) & (dy.abs() <= 0.85 * h)
-        # apex up: the half-width grows linearly from the top edge to the base
-        triangle = (dy >= -h) & (dy <= h) & (dx.abs() <= (dy + h) * 0.5)
-        cross = ((dx.abs() <= 0.3 * h) & (dy.abs() <= h)) | ((dy.abs() <= 0.3 * h) & (dx.abs() <= h))
-        inside = ((k == 0) & circle) | ((k == 1) & square) | ((k == 2) & triangle) | ((k == 3) & cross)
-        # background noise per sample (seeded by its index), coarse so that it stays cheap at 224²
-        c = max(1, S // 4)
-        g = torch.Generator(device="cpu")
-        noise = torch.stack([torch.rand(3, c, c, generator=g.manual_seed(int(self.seed) * 1000003 + int(i)))
-                             for i in indices]) if B else torch.zeros(0, 3, c, c)
-        img = 0.12 + 0.04 * F.interpolate(noise.to(device), size=(S, S), mode="nearest")
-        for s in range(n):  # later slots paint over earlier ones; cells are distinct so overlap is rare
-            m = inside[:, s, None]
-            img = torch.where(m, rgb[:, s, :, None, None], img)
-        return img, [c for _, c in scenes]
+        """Pixels in [0, 1], (B, 3, S, S) on ``device``, and captions."""
+        return self.scenes.render(indices, device)
 
     def batch(self, indices: Sequence[int], device: torch.device | str = "cpu") -> Tuple[Tensor, Tensor]:
         """Normalized images and token ids for ``indices``."""
         img, captions = self.render(indices, device)
-        return normalize(img), self.tokenizer(captions).to(device)
+        return clip_normalize(img), self.tokenizer(captions).to(device)
 
     def __getitem__(self, index: int) -> Tuple[Tensor, Tensor]:
         img, tok = self.batch([index])
@@ -244,7 +174,7 @@ class CsvCaptions(torch.utils.data.Dataset):
         return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
     def __getitem__(self, index: int) -> Tuple[Tensor, Tensor]:
-        img = normalize(self.load_image(index)[None])[0]
+        img = clip_normalize(self.load_image(index)[None])[0]
         return img, self.tokenizer([self.captions[index]])[0]
 
 
@@ -285,7 +215,7 @@ def steps_per_epoch(dataset, batch_size: int, world: int = 1) -> Optional[int]:
 
 def make_dataset(spec: str, cfg, seed: int = 0, sep: str = "\t", img_key: str = "filepath",
                  caption_key: str = "title"):
-    """``"synthetic"`` or a CSV path, sized for a :class:`bench.clip_model.CLIPConfig`."""
+    """``"synthetic"`` or a CSV path, sized for a :class:`bench.clip.model.CLIPConfig`."""
     if spec == "synthetic":
         return SyntheticScenes(cfg.image_size, cfg.context_length, cfg.vocab_size, seed=seed)
     return CsvCaptions(spec, cfg.image_size, cfg.context_length, cfg.vocab_size, sep, img_key, caption_key)

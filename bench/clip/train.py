@@ -1,7 +1,7 @@
 """Thin CLIP trainer: one model, one loss, the masking mode under test.
 
-    python bench/train_clip.py --model tiny --mask pgs --steps 300 --log-json /tmp/tiny.json
-    torchrun --nproc_per_node 8 bench/train_clip.py --model vit-b-16 --mask pgs \\
+    python -m bench.clip.train --model tiny --mask pgs --steps 300 --out /tmp/tiny.json
+    torchrun --nproc_per_node 8 -m bench.clip.train --model vit-b-16 --mask pgs \\
         --data train.csv --epochs 32 --batch-size 256
 
 Single process, or one process per device under ``torchrun`` (DDP: NCCL on
@@ -15,13 +15,15 @@ Timing never forces a sync on the hot path: step and masking-slot times are
 CUDA event pairs (``perf_counter`` on CPU), read and the losses fetched
 every ``--log-every`` steps after one ``synchronize``. The JSON log has per
 step loss, lr, step ms, masking ms and tokens kept, images/s per logging
-window, and a summary (images/s, step ms, masking share, peak memory, loss at
-start and end).
+window, the machine's load before and after (with a warning when another
+process held a core the run needed) and a summary (images/s, step ms, masking
+share, peak memory, loss at start and end). It is written only where
+``--out`` says (nothing goes into bench/results/ unless asked); the summary is
+printed either way.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -33,17 +35,13 @@ from contextlib import nullcontext
 
 import torch
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from bench.clip_data import batches, make_dataset, steps_per_epoch  # noqa: E402
-from bench.clip_model import (MASK_MODES, CONFIGS, SectionTimer, build_model, clip_loss,  # noqa: E402
-                              config_dict, param_groups)
+from bench.clip.data import batches, make_dataset, steps_per_epoch
+from bench.clip.model import MASK_MODES, CONFIGS, build_model, clip_loss, config_dict, param_groups
+from bench.common import LoadRecord, SectionTimer, argument_parser, environment, pick_device, write_result
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argument_parser(__doc__)
     p.add_argument("--model", default="tiny", choices=sorted(CONFIGS))
     p.add_argument("--mask", default="pgs", choices=MASK_MODES)
     p.add_argument("--mask-ratio", type=float, default=0.5)
@@ -56,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
     p.add_argument("--wd", type=float, default=0.2)
     p.add_argument("--grad-clip", type=float, default=0.0, help="max grad norm, 0 = off")
+    p.add_argument("--unmasked-steps", type=int, default=0,
+                   help="the last N steps see every patch (unmasked tuning, as FLIP does); default 0")
     p.add_argument("--data", default="synthetic", help="'synthetic' or a CSV of filepath/title rows")
     p.add_argument("--csv-separator", default="\t")
     p.add_argument("--csv-img-key", default="filepath")
@@ -64,10 +64,12 @@ def parse_args(argv=None):
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--device", default=None, help="default: cuda when available")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10, help="steps between syncs / log reads")
-    p.add_argument("--log-json", default=None)
+    p.add_argument("--out", "--log-json", dest="log_json", default=None,
+                   help="write the JSON log here (default: none, the summary is printed)")
     p.add_argument("--save", default=None, help="write the final state_dict here")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -86,6 +88,8 @@ def setup_distributed(device_arg):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg is not None:
+        pick_device(device_arg)  # a clear exit where the device is missing
     use_cuda = torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
     if use_cuda:
         device = torch.device("cuda", local) if world > 1 or device_arg in (None, "cuda") else torch.device(device_arg)
@@ -132,7 +136,20 @@ def peak_memory_mb(device: torch.device):
 
 
 def train(args) -> dict:
+    """Trains as ``args`` say; returns the log (written to ``args.log_json`` if set)."""
+    return fit(args)[1]
+
+
+def fit(args, dataset=None, record_load: bool = True, verbose: bool = True):
+    """Trains as ``args`` say; returns the trained (unwrapped) model and the
+    log. ``dataset`` replaces the one ``args.data`` names; without
+    ``record_load`` the log has no load block (a caller that runs many
+    trainings records the load once); without ``verbose`` the summary is
+    not printed."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rank, world, device = setup_distributed(args.device)
+    load = LoadRecord(quiet=rank != 0) if record_load else None
     torch.manual_seed(args.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
     model = build_model(args.model, args.mask, args.mask_ratio, args.grad_checkpointing).to(device)
     raw = model
@@ -145,8 +162,9 @@ def train(args) -> dict:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     torch.manual_seed(args.seed + 1 + rank)  # masking noise differs per rank
 
-    dataset = make_dataset(args.data, raw.cfg, seed=args.seed, sep=args.csv_separator,
-                           img_key=args.csv_img_key, caption_key=args.csv_caption_key)
+    if dataset is None:
+        dataset = make_dataset(args.data, raw.cfg, seed=args.seed, sep=args.csv_separator,
+                               img_key=args.csv_img_key, caption_key=args.csv_caption_key)
     per_epoch = args.steps_per_epoch or steps_per_epoch(dataset, args.batch_size, world)
     if per_epoch is None:
         per_epoch = math.ceil((args.steps or 100) / args.epochs)
@@ -172,12 +190,15 @@ def train(args) -> dict:
     bar = Progress(total, rank == 0 and not args.no_progress)
     pending = []  # (step, epoch, lr, loss tensor, tokens, token_weight) awaiting the next sync
     window_t0, window_start = time.perf_counter(), 0
+    t_train = window_t0
     model.train()
     epoch = -1
     for step in range(total):
         if step // per_epoch != epoch:
             epoch = step // per_epoch
             raw.visual.set_epoch(epoch, args.epochs)
+        if step == total - args.unmasked_steps and args.unmasked_steps > 0:
+            raw.visual.set_mask("none")
         lr = lr_at(step, total, warmup, args.lr)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -214,23 +235,28 @@ def train(args) -> dict:
             window_t0, window_start = time.perf_counter(), step + 1
     bar.close()
     raw.visual.timer = None
+    if raw.visual.mask != args.mask:  # after unmasked tuning, the model keeps its masking mode
+        raw.visual.set_mask(args.mask, args.mask_ratio)
 
     summary = summarize(log, device)
+    summary["wall_s"] = time.perf_counter() - t_train  # the training loop, data included
     log["summary"] = summary
+    if load is not None:
+        log["load"] = load.finish()
+    log = {**environment(device, "train"), **log}
     if rank == 0:
         if args.log_json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.log_json)), exist_ok=True)
-            with open(args.log_json, "w") as f:
-                json.dump(log, f, indent=1)
+            write_result(args.log_json, log, quiet=True)
         if args.save:
             torch.save(raw.state_dict(), args.save)
-        print(json.dumps(summary), flush=True)
+        if verbose:
+            print(json.dumps(summary), flush=True)
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
         dist.destroy_process_group()
-    return log
+    return raw, log
 
 
 def summarize(log: dict, device: torch.device) -> dict:

@@ -22,9 +22,6 @@ mode sees the same tokens and the blocks see only what is kept):
 from __future__ import annotations
 
 import math
-import os
-import sys
-import time
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
@@ -33,12 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # run as a flat script from bench/
-    sys.path.insert(0, _ROOT)
-
-from pgs_kernels import PGSPatchDropout  # noqa: E402
-from python_ref import published_pgs, random_masking  # noqa: E402
+from bench.common import SectionTimer
+from pgs_kernels import PGSPatchDropout
+from python_ref import published_pgs, random_masking
 
 MASK_MODES = ("none", "random", "pgs", "pgs-reference", "published")
 
@@ -145,51 +139,6 @@ class Transformer(nn.Module):
             else:
                 x = blk(x, attn_mask)
         return x
-
-
-class SectionTimer:
-    """Times a section of the forward pass without forcing a sync.
-
-    On CUDA it records an event pair per call; :meth:`drain` reads them and
-    must only run after the caller synchronized (the measured runs do). On
-    CPU it uses ``perf_counter``, which is exact because CPU ops are eager.
-    """
-
-    def __init__(self, device: torch.device):
-        self.cuda = torch.device(device).type == "cuda"
-        self._pending = []
-        self._t0 = None
-
-    def start(self) -> None:
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self._t0 = ev
-        else:
-            self._t0 = time.perf_counter()
-
-    def stop(self) -> None:
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self._pending.append((self._t0, ev))
-        else:
-            self._pending.append((time.perf_counter() - self._t0) * 1e3)
-        self._t0 = None
-
-    def take(self) -> list:
-        """The sections recorded since the last take, unread (reading CUDA events needs a sync)."""
-        out, self._pending = self._pending, []
-        return out
-
-    @staticmethod
-    def total_ms(records: list) -> float:
-        """Milliseconds in ``records`` from :meth:`take`; on CUDA, synchronize first."""
-        return float(sum(r if isinstance(r, float) else r[0].elapsed_time(r[1]) for r in records))
-
-    def drain(self) -> float:
-        """Total milliseconds since the last take or drain (sync first on CUDA)."""
-        return self.total_ms(self.take())
 
 
 class VisionTower(nn.Module):

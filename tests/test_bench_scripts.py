@@ -1,0 +1,175 @@
+"""The benchmark scripts on tiny cases: each runs, writes the JSON it
+documents (environment and load block included) and its figure, keeps to
+its time limit, and asks for a CUDA device with a message, not a traceback.
+Nothing here asserts a time."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from bench import common, micro, native_speed, plot, retention
+from bench.clip import quality, throughput, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV_KEYS = {"benchmark", "device", "device_name", "torch", "triton", "commit", "load"}
+LOAD_KEYS = {"before", "after", "cpus", "threads", "others_cores_before", "others_cores_during", "busy", "warning"}
+TINY_MICRO = ["--device", "cpu", "--threads", "1", "--batches", "1", "2", "--configs", "32/16", "--dtypes", "fp32"]
+
+
+def check_env(doc, benchmark):
+    assert ENV_KEYS <= set(doc), sorted(ENV_KEYS - set(doc))
+    assert doc["benchmark"] == benchmark and doc["device"] == "cpu"
+    assert set(doc["load"]) == LOAD_KEYS
+    assert doc["load"]["busy"] == (doc["load"]["warning"] is not None)
+
+
+def test_load_record_measures_other_processes():
+    rec = common.LoadRecord(threads=1, quiet=True, sample_s=0.05)
+    block = rec.finish()
+    assert set(block) == LOAD_KEYS and block["threads"] == 1 and block["cpus"] == os.cpu_count()
+    if os.path.exists("/proc/stat"):
+        assert 0.0 <= block["others_cores_before"] <= 1.5 * block["cpus"]
+
+
+def test_micro_tiny(tmp_path):
+    out = tmp_path / "micro.json"
+    assert micro.main(TINY_MICRO + ["--impls", "python_ref_fp32", "random", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    check_env(doc, "micro")
+    assert doc["fused_backend"] in ("native", "reference")
+    impls = {r["impl"] for r in doc["rows"]}
+    assert impls == {micro.FUSED, "python_ref_fp32", "random"}
+    assert {r["batch"] for r in doc["rows"]} == {1, 2} and {r["tokens"] for r in doc["rows"]} == {False, True}
+    assert (tmp_path / "micro.png").stat().st_size > 0
+
+
+def test_micro_preset_reports_its_targets(tmp_path):
+    out = tmp_path / "preset.json"
+    micro.main(["--device", "cpu", "--threads", "1", "--preset", "vit-b16", "--batches", "1", "--impls",
+                "python_ref_fp32", "--no-plot", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["preset"] == "vit-b16"
+    assert {(r["height"], r["patch_size"], r["dtype"], r["tokens_dtype"]) for r in doc["rows"]} == {
+        (224, 16, "fp32", "bf16")}
+    assert doc["targets"]["targets"] == {"python_ref_fp32": 10.0, "python_ref_compiled": 3.0}
+    entry = doc["ratios"]["1"]
+    assert entry["python_ref_fp32"] > 0 and isinstance(entry["python_ref_fp32_target_met"], bool)
+
+
+def test_micro_skips_what_does_not_fit_the_time_limit(tmp_path):
+    out = tmp_path / "late.json"
+    t0 = time.monotonic()
+    micro.main(TINY_MICRO + ["--time-limit", "0.5", "--no-plot", "--out", str(out)])
+    assert time.monotonic() - t0 < 30
+    doc = json.loads(out.read_text())
+    assert doc["rows"] == [] and doc["skipped"]
+    assert {s["skipped"] for s in doc["skipped"]} == {"time limit"}
+
+
+def test_micro_cuts_a_measurement_short_at_the_time_limit(tmp_path, monkeypatch):
+    def slow_impls(device, names, compile_ok):
+        return {micro.FUSED: ("auto", lambda *a: time.sleep(30))}
+
+    monkeypatch.setattr(micro, "make_impls", slow_impls)
+    out = tmp_path / "cut.json"
+    t0 = time.monotonic()
+    assert micro.main(TINY_MICRO + ["--time-limit", "3", "--no-plot", "--out", str(out)]) == 0
+    assert time.monotonic() - t0 < 10
+    doc = json.loads(out.read_text())
+    assert "time limit" in doc["stopped"] and doc["rows"] == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a CUDA device")
+@pytest.mark.parametrize("entry", [micro.main, throughput.main, train.main, quality.main],
+                         ids=["micro", "throughput", "train", "quality"])
+def test_cuda_without_a_device_is_a_message(entry, capsys):
+    with pytest.raises(SystemExit) as exc:
+        entry(["--device", "cuda"])
+    assert exc.value.code not in (0, None)
+    assert "needs a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("entry", [micro.main, native_speed.main, retention.main, throughput.main, quality.main],
+                         ids=["micro", "native_speed", "retention", "throughput", "quality"])
+def test_help_says_where_results_go(entry, capsys):
+    with pytest.raises(SystemExit) as exc:
+        entry(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "bench/results/" in text and "--out" in text and "overwrit" in text
+
+
+def test_native_speed_runs_as_a_file():
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "native_speed.py"), "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "bench/results/native-cpu.json" in res.stdout
+
+
+def test_retention_tiny(tmp_path):
+    out = tmp_path / "ret.json"
+    assert retention.main(["--scenes", "3", "--batch", "3", "--photo-seeds", "1", "--ratios", "0.5",
+                           "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    check_env(doc, "retention")
+    assert set(doc["synthetic"]["results"]["0.5"]) == set(retention.METHODS)
+    figs = doc["figures"]
+    assert figs["photos"]["names"] == list(retention.FIGURE_PHOTOS)
+    assert len(figs["scenes"]["dropped"]["pgs"]) == len(figs["scenes"]["seeds"])
+    assert all(len(d) == 98 for d in figs["photos"]["dropped"]["pgs"])
+    assert (tmp_path / "ret.png").exists() and (tmp_path / "ret-scenes.png").exists()
+
+
+def test_throughput_tiny(tmp_path):
+    out = tmp_path / "train.json"
+    rep = throughput.run(throughput.parse_args(["--device", "cpu", "--batch-size", "4", "--steps", "2",
+                                                "--repeats", "1", "--warmup", "1", "--modes", "none,random,pgs",
+                                                "--threads", "1", "--out", str(out)]))
+    doc = json.loads(out.read_text())
+    check_env(doc, "train_throughput")
+    assert [r["mode"] for r in doc["rows"]] == ["none", "random", "pgs"] == [r["mode"] for r in rep["rows"]]
+    assert {r["mode"]: r["tokens"] for r in doc["rows"]} == {"none": 65, "random": 33, "pgs": 33}
+
+
+def test_plot_draws_known_files_and_skips_others(tmp_path, capsys):
+    out = tmp_path / "micro-x.json"
+    micro.main(TINY_MICRO + ["--tokens", "off", "--impls", "random", "--no-plot", "--out", str(out)])
+    other = tmp_path / "kernel-x.json"
+    other.write_text(json.dumps({"rows": []}))
+    assert plot.main([str(out), str(other)]) == 0
+    text = capsys.readouterr().out
+    assert "micro-x.png" in text and f"skipped {other}" in text
+    assert (tmp_path / "micro-x.png").stat().st_size > 0
+
+
+def test_quality_tiny(tmp_path):
+    out = tmp_path / "quality.json"
+    assert quality.main(["--steps", "3", "--seeds", "1", "--modes", "none,random,pgs", "--ratios", "0.75",
+                         "--batch-size", "8", "--warmup", "1", "--eval-scenes", "16", "--zero-shot-scenes", "16",
+                         "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    check_env(doc, "train_quality")
+    assert [(r["mode"], r["mask_ratio"], r["seed"]) for r in doc["rows"]] == [
+        ("none", 0.0, 0), ("random", 0.75, 0), ("pgs", 0.75, 0)]
+    for r in doc["rows"]:
+        assert r["steps"] == 3 and r["images_per_s"] > 0 and r["wall_s"] > 0 and r["cpu_s"] > 0
+        for k in ("zero_shot_acc", "i2t_r1", "t2i_r1"):
+            assert 0.0 <= r[k] <= 1.0
+    assert "zero_shot_acc_masked" in doc["rows"][1] and "zero_shot_acc_masked" not in doc["rows"][0]
+    assert {(s["mode"], s["mask_ratio"]) for s in doc["summary"]} == {("none", 0.0), ("random", 0.75), ("pgs", 0.75)}
+    assert (tmp_path / "quality.png").stat().st_size > 0
+
+
+def test_quality_scores_count_shared_captions_as_hits():
+    from bench.clip.quality import retrieval_r1
+
+    img = torch.eye(3)
+    txt = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    # images 0 and 1 share a caption: swapping their texts still hits
+    assert retrieval_r1(img, txt, ["a", "a", "b"]) == {"i2t_r1": 1.0, "t2i_r1": 1.0}
+    assert retrieval_r1(img, txt, ["a", "c", "b"]) == pytest.approx({"i2t_r1": 1 / 3, "t2i_r1": 1 / 3})
