@@ -25,7 +25,7 @@ def _assert_clean(res):
 
 @pytest.mark.parametrize("start", [0, 100_000])
 def test_cpu_backends_against_fp64(start):
-    res = fuzz(CPU_BACKENDS, seconds=600, seed0=start, max_cases=600)
+    res = fuzz(CPU_BACKENDS, seconds=600, seed0=start, max_cases=1500)
     assert set(res["counts"]) == set(CPU_BACKENDS) and set(CATEGORIES) <= set(next(iter(res["counts"].values())))
     _assert_clean(res)
 
