@@ -52,12 +52,15 @@ def out_help(default: str) -> str:
 
 def git_commit() -> str:
     """``HEAD`` of the checkout the scripts run from, ``-dirty`` when tracked
-    files differ from it; ``unknown`` outside a git checkout."""
+    files other than bench/results/ differ from it; ``unknown`` outside a git
+    checkout."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
         if head.returncode:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        # Results written by an earlier script of the same run do not make the code dirty.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)bench/results"], cwd=ROOT,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return head.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
