@@ -419,11 +419,13 @@ def _launch_config(B, C, L, P, D, k, alpha, tok_lowp, edge_weight, use_ot, ot_it
     return nprog, fws_cols, meta
 
 
-def pgs_select_triton(images, tokens, noise, patch_size, num_keep, num_candidates, sim_threshold,
-                      token_weight, edge_weight, use_ot, ot_reg, ot_iters):
-    """The ``pgs_kernels::pgs_select`` kernel for CUDA tensors (and CPU tensors
-    under ``TRITON_INTERPRET=1``): same arguments and outputs as
-    ``python_ref.pgs.pgs_select_core``. One launch, no host sync."""
+def _launch_plan(images, tokens, noise, patch_size, num_keep, num_candidates, sim_threshold,
+                 token_weight, edge_weight, use_ot, ot_reg, ot_iters, compiled):
+    """The outputs (allocated, not yet written) and the launches that fill
+    them, each ``(kernel, grid, args, meta)``, for one call. ``compiled``: the
+    kernel is compiled for a GPU (not interpreted), which decides how low
+    precision tokens are multiplied. ``bench.kernel_report`` compiles exactly
+    these launches."""
     B, C, H, W = images.shape
     P = int(patch_size)
     gw = W // P
@@ -442,8 +444,9 @@ def pgs_select_triton(images, tokens, noise, patch_size, num_keep, num_candidate
     edge = torch.empty((B, L), dtype=torch.float32, device=dev)
     cand = torch.empty((B, k), dtype=torch.int64, device=dev)
     red = torch.empty((B, L), dtype=torch.float32, device=dev)
+    outputs = (keep_idx, mask, edge, cand, red)
     if B == 0:
-        return keep_idx, mask, edge, cand, red
+        return outputs, []
 
     alpha = float(token_weight)
     use_tok = alpha > 0
@@ -456,7 +459,7 @@ def pgs_select_triton(images, tokens, noise, patch_size, num_keep, num_candidate
         # Tensor cores take bf16/fp16 as they are. The interpreter keeps bf16 as
         # raw uint16 bits and its dot would multiply those: bf16 gets the fp32
         # path there.
-        tok_lowp = tokens.dtype == torch.float16 or (tokens.dtype == torch.bfloat16 and tokens.is_cuda)
+        tok_lowp = tokens.dtype == torch.float16 or (tokens.dtype == torch.bfloat16 and compiled)
     else:
         D, st, tok_lowp = 1, (0, 0, 0), False
 
@@ -477,9 +480,21 @@ def pgs_select_triton(images, tokens, noise, patch_size, num_keep, num_candidate
         B, H, W, gw, M, K, k,
         float(sim_threshold), alpha, float(edge_weight), _LOG2E / float(ot_reg), log2_a, -math.log2(L),
     )
-    if images.is_cuda:
-        with torch.cuda.device(dev):
-            _pgs_kernel[(nprog,)](*args, **meta)
-    else:
-        _pgs_kernel[(nprog,)](*args, **meta)
-    return keep_idx, mask, edge, cand, red
+    return outputs, [(_pgs_kernel, (nprog,), args, meta)]
+
+
+def pgs_select_triton(images, tokens, noise, patch_size, num_keep, num_candidates, sim_threshold,
+                      token_weight, edge_weight, use_ot, ot_reg, ot_iters):
+    """The ``pgs_kernels::pgs_select`` kernel for CUDA tensors (and CPU tensors
+    under ``TRITON_INTERPRET=1``): same arguments and outputs as
+    ``python_ref.pgs.pgs_select_core``. One launch, no host sync."""
+    outputs, launches = _launch_plan(images, tokens, noise, patch_size, num_keep, num_candidates,
+                                     sim_threshold, token_weight, edge_weight, use_ot, ot_reg, ot_iters,
+                                     compiled=images.is_cuda)
+    for kernel, grid, args, meta in launches:
+        if images.is_cuda:
+            with torch.cuda.device(images.device):
+                kernel[grid](*args, **meta)
+        else:
+            kernel[grid](*args, **meta)
+    return outputs
