@@ -30,8 +30,9 @@ found from the dominator tree (a back edge ``u -> h`` with ``h`` dominating
 ``u``). Every loop latch branch carries the line of the ``for`` statement it
 closes, which names the source loop. The iteration counts come from running
 one program of the same launch (same constexprs, batch 1) in the Triton
-interpreter, with the kernel module's ``range`` replaced by one that counts
-the iterations of each ``for`` line, and a line tracer recording which kernel
+interpreter, with ``range`` (the kernel module's, and the one the
+interpreter's ``tl.range`` calls) replaced by one that counts the iterations
+of each ``for`` line, and a line tracer recording which kernel
 lines ran at all. Then
 
     count(instruction) = iterations of its innermost SASS loop per program
@@ -479,6 +480,7 @@ def _trace_worker(request: dict) -> dict:
     """Runs in a child process with ``TRITON_INTERPRET=1``: one program of each
     launch of the configuration, counting loop iterations and executed lines."""
     import torch
+    import triton.runtime.interpreter as interp
     from pgs_kernels import triton_pgs
 
     cfg = tuple(request["config"])
@@ -497,7 +499,14 @@ def _trace_worker(request: dict) -> dict:
         executed: set = set()
 
         def counting_range(*a):
-            line = sys._getframe(1).f_lineno
+            # The kernel's own line: the caller, or further up for tl.range
+            # (the interpreter's tl.range calls range itself).
+            frame = sys._getframe(1)
+            while frame is not None and frame.f_code.co_filename not in kernel_paths:
+                frame = frame.f_back
+            if frame is None:
+                return builtins.range(*a)
+            line = frame.f_lineno
             r = builtins.range(*[int(x) for x in a])
 
             def gen():
@@ -525,13 +534,16 @@ def _trace_worker(request: dict) -> dict:
                 return local
             return None
 
+        kernel_paths = {triton_pgs.__file__, kernel_file}
         triton_pgs.range = counting_range
+        interp.range = counting_range
         sys.settrace(tracer)
         try:
             kernel[(1,)](*args, **meta)
         finally:
             sys.settrace(None)
             del triton_pgs.range
+            del interp.range
         results.append(dict(iters=iters, executed=sorted(executed)))
     return dict(kernel_file=kernel_file, launches=results)
 
@@ -558,7 +570,7 @@ _CLASSES = {"barriers": ("BAR",), "global_loads": ("LDG",), "global_stores": ("S
 
 
 def _json_meta(meta) -> dict:
-    return {k: v for k, v in meta.items() if isinstance(v, (int, float, bool, str)) and k != "num_warps"}
+    return {k: v for k, v in meta.items() if isinstance(v, (int, float, bool, str)) and k not in ("num_warps", "num_stages")}
 
 
 def report_config(cfg, archs, batch: int = BATCH, verbose: bool = False) -> List[dict]:
