@@ -27,30 +27,36 @@ and the cubin is read back:
 Dynamic instruction count. The SASS (``nvdisasm -g``: every instruction with
 the source line it came from) is cut into basic blocks; natural loops are
 found from the dominator tree (a back edge ``u -> h`` with ``h`` dominating
-``u``). Every loop latch branch carries the line of the ``for`` statement it
-closes, which names the source loop. The iteration counts come from running
-one program of the same launch (same constexprs, batch 1) in the Triton
-interpreter, with ``range`` (the kernel module's, and the one the
-interpreter's ``tl.range`` calls) replaced by one that counts the iterations
-of each ``for`` line, and a line tracer recording which kernel
-lines ran at all. Then
+``u``). A loop's latch branch carries the line of the ``for`` statement it
+closes, which names the source loop. One program of the same launch (same
+constexprs; batch 1, with the launch's ``ITERS``) runs in the Triton
+interpreter with ``range`` (the kernel module's, and the one the
+interpreter's ``tl.range`` calls) replaced by one that counts, per ``for``
+line, its entries and iterations, and with a line tracer recording which
+kernel lines ran. That gives ``trips(F)``, the iterations of ``for`` line
+``F`` per entry (constant, as the bounds are constexprs). Then, outermost
+loop first,
 
-    count(instruction) = iterations of its innermost SASS loop per program
-                         (1 outside loops)
-    dyn_instr_per_thread = Σ count(instruction)
+    iterations(loop) = iterations(enclosing loop, or 1) · trips(F) / unroll(F)
+    count(instruction) = iterations of its innermost loop (1 outside loops)
+    dyn_instr_per_thread = Σ count(instruction) over the launches' SASS
 
-where a source loop that appears as several SASS loops (an enclosing loop
-fully unrolled) shares its iterations equally among them. Loops that the
-compiler unrolled completely are straight-line code and count once per
-iteration of what encloses them; hoisted code counts where it was hoisted to.
-A basic block most of whose kernel-source instructions come from lines that
-never ran in the traced program (e.g. the log-domain fallback of Sinkhorn
-when the scaling form holds) counts zero; so do blocks reached only through a
-divergent-warp branch (``BRA.DIV``) or a subroutine call (the slow paths of
-IEEE division and square root, taken only for special operands). Assumption,
-checked where it can be: the compiler does not partially unroll a loop
-(each SASS loop runs its source loop's trip count); a ``for`` line that closes
-a SASS loop but never ran in the trace is an error, not a guess.
+A source loop the compiler unrolled completely is straight-line code, counted
+with what encloses it; copies of a loop (an enclosing loop unrolled) each get
+their own entries. ``unroll(F)`` is what ptxas did on top of LLVM: the PTX has
+the same loops with line information, and ptxas keeps global memory
+instructions, shuffles and barriers one for one (``ld.global.v4`` is one
+``LDG.128``), so ``unroll(F)`` is the whole number that makes the dynamic count
+of such instructions in ``F``'s own blocks (nested loops excluded, PTX loops
+that ptxas unrolled completely folded in) equal in SASS and PTX; where no
+such instructions or no whole number is found, 1. A basic block most of whose
+kernel-source instructions come from lines that never ran in the traced
+program (e.g. the log-domain fallback of Sinkhorn when the scaling form
+holds) counts zero; so do blocks reached only through a divergent-warp branch
+(``BRA.DIV``) or a subroutine call (the slow paths of IEEE division and
+square root, taken only for special operands). The per-program count covers
+``ITERS`` images when programs stride over the batch; it is divided by
+``ITERS``.
 
 The per-step split attributes every instruction to the kernel helper (or the
 ``# ----`` section of the kernel body) that its line belongs to; instructions
@@ -60,7 +66,8 @@ before them.
 Usage::
 
     python -m bench.kernel_report                 # all configs, sm_90 and sm_80
-    python -m bench.kernel_report --configs 224/16:bf16 --archs sm_90 --out /tmp/r.json
+    python -m bench.kernel_report --configs 224/16:bf16 336/14:bf16x1024 --archs sm_90 --out /tmp/r.json
+    python -m bench.kernel_report --steps --verbose   # per-step split; SASS loops (for line, iterations, unroll)
 """
 
 from __future__ import annotations
@@ -106,7 +113,7 @@ MASK_RATIO, CANDIDATE_RATIO, SIM_THRESHOLD, EDGE_WEIGHT, OT_REG, OT_ITERS = 0.5,
 
 def config_name(cfg) -> str:
     size, p, tdt, d = cfg
-    return f"{size}/{p}:" + (f"{tdt}{d}" if tdt else "notok")
+    return f"{size}/{p}:" + (f"{tdt}x{d}" if tdt else "notok")
 
 
 def parse_config(text: str):
@@ -351,16 +358,59 @@ def for_lines(path: str) -> set:
             for node in ast.walk(f) if isinstance(node, ast.For)}
 
 
-def dynamic_counts(instrs, labels, loop_iters: Dict[int, int], executed: set, kernel_file: str):
-    """Per-instruction execution counts for one program (see the module docstring).
+_PTX_FILE = re.compile(r'^\s*\.file\s+(\d+)\s+"([^"]+)"')
+_PTX_LOC = re.compile(r"^\s*\.loc\s+(\d+)\s+(\d+)")
+_PTX_LABEL = re.compile(r"^(\$L__\w+):")
+_PTX_INSTR = re.compile(r"^\s*(@!?%\w+\s+)?([a-z][\w.]*)\b([^;]*);")
+_PTX_TARGET = re.compile(r"(\$L__\w+)")
 
-    ``loop_iters``: kernel-file ``for`` line -> iterations per program (a
-    ``for`` line absent from it never ran); ``executed``: the kernel-file
-    lines that ran."""
-    fors = for_lines(kernel_file)
+
+def parse_ptx(text: str):
+    """PTX in the shape ``parse_sass`` gives SASS: ``[(index, predicated,
+    OPCODE, target_label, (file, line))]`` (upper-case opcodes) and labels."""
+    files = {m.group(1): os.path.realpath(m.group(2)) for m in map(_PTX_FILE.match, text.splitlines()) if m}
+    instrs, labels, pending, loc = [], {}, [], None
+    for raw in text.splitlines():
+        m = _PTX_LOC.match(raw)
+        if m:
+            loc = (files.get(m.group(1), m.group(1)), int(m.group(2)))
+            continue
+        m = _PTX_LABEL.match(raw.strip())
+        if m:
+            pending.append(m.group(1))
+            continue
+        line = raw.split("//")[0]
+        if line.strip().startswith((".", "{", "}")) or not line.strip():
+            continue
+        m = _PTX_INSTR.match(line)
+        if not m:
+            continue
+        addr = len(instrs) * 16
+        for lab in pending:
+            labels[lab] = addr
+        pending = []
+        op = m.group(2).upper()
+        t = _PTX_TARGET.search(m.group(3)) if op.startswith("BRA") else None
+        instrs.append((addr, m.group(1) is not None, op, t.group(1) if t else None, loc))
+    return instrs, labels
+
+
+# Instruction classes that ptxas keeps one for one from PTX (``ld.global.v4``
+# is one LDG.128): their ratio in a loop body says how far ptxas unrolled it.
+_UNROLL_CLASSES = (
+    (("LDG", "STG", "LDGSTS", "RED", "ATOM"), ("LD.GLOBAL", "ST.GLOBAL", "CP.ASYNC.CA", "CP.ASYNC.CG",
+                                               "RED.GLOBAL", "ATOM.GLOBAL")),
+    (("SHFL",), ("SHFL",)),
+    (("BAR",), ("BAR.SYNC", "BARRIER.SYNC")),
+)
+
+
+def _loop_forest(instrs, labels, kernel_file: str, fors: set, what: str):
+    """Blocks, reachable blocks, natural loops (``{header: {body, latches,
+    line}}``) and each block's innermost loop header."""
     blocks, succ = _blocks(instrs, labels)
     dom, reach, preds = _dominators(len(blocks), succ)
-    loops: Dict[int, dict] = {}  # header block -> {body, latches}
+    loops: Dict[int, dict] = {}
     for u in reach:
         for h in succ[u]:
             if h in dom[u]:
@@ -374,24 +424,122 @@ def dynamic_counts(instrs, labels, loop_iters: Dict[int, int], executed: set, ke
                 lp = loops.setdefault(h, {"body": set(), "latches": []})
                 lp["body"] |= body
                 lp["latches"].append(u)
-
-    def for_line(lp):
+    for lp in loops.values():
+        lp["line"] = None
         for u in lp["latches"]:
             s, e = blocks[u]
             for i in range(e - 1, s - 1, -1):
                 loc = instrs[i][4]
                 if loc and loc[0] == kernel_file and loc[1] in fors:
-                    return loc[1]
-        raise RuntimeError("a SASS loop (latch at 0x%x) closes no for-loop of the kernel"
-                           % instrs[blocks[lp["latches"][0]][1] - 1][0])
+                    lp["line"] = loc[1]
+                    break
+            if lp["line"] is not None:
+                break
+        if lp["line"] is None:
+            raise RuntimeError(f"a {what} loop (latch at 0x%x) closes no for-loop of the kernel"
+                               % instrs[blocks[lp["latches"][0]][1] - 1][0])
+    inner = {}
+    for n in reach:
+        ins = [h for h, lp in loops.items() if n in lp["body"]]
+        inner[n] = min(ins, key=lambda h: len(loops[h]["body"])) if ins else None
+    return blocks, reach, loops, inner
 
-    for lp in loops.values():
-        lp["line"] = for_line(lp)
-    copies: Dict[int, int] = {}
-    for lp in loops.values():
-        copies[lp["line"]] = copies.get(lp["line"], 0) + 1
-    for lp in loops.values():
-        lp["iters"] = loop_iters.get(lp["line"], 0) / copies[lp["line"]]
+
+def _in_class(op: str, c: int, ptx: bool) -> bool:
+    sass_ops, ptx_ops = _UNROLL_CLASSES[c]
+    return op.startswith(ptx_ops) if ptx else op.split(".")[0] in sass_ops
+
+
+def _own_counts(instrs, blocks, loops, inner, ptx: bool):
+    """Per loop header: instructions of each class in the loop's own blocks
+    (its nested loops excluded)."""
+    own = {h: [0] * len(_UNROLL_CLASSES) for h in loops}
+    for n, h in inner.items():
+        if h is None:
+            continue
+        s, e = blocks[n]
+        for i in range(s, e):
+            for c in range(len(_UNROLL_CLASSES)):
+                if _in_class(instrs[i][2], c, ptx):
+                    own[h][c] += 1
+    return own
+
+
+def _parents(loops):
+    """Each loop header's innermost enclosing loop header (None at the top)."""
+    par = {}
+    for h in loops:
+        outer = [g for g in loops if g != h and h in loops[g]["body"]]
+        par[h] = min(outer, key=lambda g: len(loops[g]["body"])) if outer else None
+    return par
+
+
+def dynamic_counts(instrs, labels, ptx_instrs, ptx_labels, trips: Dict[int, float], executed: set,
+                   kernel_file: str):
+    """Per-instruction execution counts for one program (see the module docstring).
+
+    ``trips``: kernel-file ``for`` line -> iterations per entry in the traced
+    program (a ``for`` line absent from it never ran); ``executed``: the
+    kernel-file lines that ran. Returns the counts and, per SASS loop,
+    ``(for line, iterations per program, unroll factor)``."""
+    fors = for_lines(kernel_file)
+    blocks, reach, loops, inner = _loop_forest(instrs, labels, kernel_file, fors, "SASS")
+    pblocks, _preach, ploops, pinner = _loop_forest(ptx_instrs, ptx_labels, kernel_file, fors, "PTX")
+    n_cls = len(_UNROLL_CLASSES)
+    # PTX (LLVM's loops, not unrolled further): iterations = entries x trips,
+    # entries = iterations of the enclosing loop.
+    ppar = _parents(ploops)
+    order = sorted(ploops, key=lambda h: -len(ploops[h]["body"]))
+    for h in order:
+        outer = ploops[ppar[h]]["iters"] if ppar[h] is not None else 1.0
+        ploops[h]["iters"] = outer * trips.get(ploops[h]["line"], 0.0)
+    pown = _own_counts(ptx_instrs, pblocks, ploops, pinner, ptx=True)
+    sass_lines = {lp["line"] for lp in loops.values()}
+    # Dynamic class counts per for-line in the PTX, a loop that ptxas unrolled
+    # completely (no SASS loop of its line) counted with the nearest enclosing
+    # loop that has one.
+    ptx_dyn: Dict[int, list] = {}
+    for h, lp in ploops.items():
+        g = h
+        while g is not None and ploops[g]["line"] not in sass_lines:
+            g = ppar[g]
+        if g is None:
+            continue
+        acc = ptx_dyn.setdefault(ploops[g]["line"], [0.0] * n_cls)
+        for c in range(n_cls):
+            acc[c] += pown[h][c] * lp["iters"]
+    # SASS, outermost first: iterations = entries x trips / unroll, the unroll
+    # factor being what makes the line's own class instructions (nested SASS
+    # loops excluded on both sides) as many as in the PTX, when that is a whole
+    # number (else 1: ptxas moved instructions between loops).
+    par = _parents(loops)
+    sown = _own_counts(instrs, blocks, loops, inner, ptx=False)
+    by_line: Dict[int, list] = {}
+    for h, lp in loops.items():
+        by_line.setdefault(lp["line"], []).append(h)
+    done: Dict[int, float] = {}
+    pending = sorted(by_line, key=lambda ln: -max(len(loops[h]["body"]) for h in by_line[ln]))
+    while pending:
+        line = next(ln for ln in pending if all(par[h] is None or par[h] in done for h in by_line[ln]))
+        pending.remove(line)
+        hs = by_line[line]
+        entries = {h: (done[par[h]] if par[h] is not None else 1.0) for h in hs}
+        unroll = 1.0
+        ref = ptx_dyn.get(line)
+        if ref is not None:
+            for c in sorted(range(n_cls), key=lambda c: -ref[c]):
+                if ref[c] <= 0:
+                    break
+                sass = sum(sown[h][c] * entries[h] * trips.get(line, 0.0) for h in hs)
+                if sass > 0:
+                    u = sass / ref[c]
+                    if u >= 0.95 and abs(u - round(u)) <= 0.05 * u:
+                        unroll = float(round(u))
+                    break
+        for h in hs:
+            done[h] = entries[h] * trips.get(line, 0.0) / unroll
+            loops[h]["iters"] = done[h]
+            loops[h]["unroll"] = unroll
 
     counts = [0.0] * len(instrs)
     for n, (s, e) in enumerate(blocks):
@@ -407,11 +555,10 @@ def dynamic_counts(instrs, labels, loop_iters: Dict[int, int], executed: set, ke
                     not_ran += 1
         if not_ran > ran:
             continue
-        inner = [lp for lp in loops.values() if n in lp["body"]]
-        c = min(inner, key=lambda lp: len(lp["body"]))["iters"] if inner else 1.0
+        c = loops[inner[n]]["iters"] if inner[n] is not None else 1.0
         for i in range(s, e):
             counts[i] = c
-    return counts, sorted((lp["line"], lp["iters"]) for lp in loops.values())
+    return counts, sorted((lp["line"], lp["iters"], lp["unroll"]) for lp in loops.values())
 
 
 # ---- source structure: which step a line belongs to -----------------------------------
@@ -492,10 +639,14 @@ def _trace_worker(request: dict) -> dict:
     results = []
     for n, (kernel, grid, args, meta) in enumerate(launches):
         want = request["metas"][n]
-        if {k: meta[k] for k in want} != want:
-            raise RuntimeError(f"launch {n}: the batch-1 plan's constexprs differ from the compiled ones: "
-                               f"{ {k: (meta[k], want[k]) for k in want if meta[k] != want[k]} }")
+        # A batch of 256 may make programs stride over images (ITERS > 1); the
+        # traced program runs the same trip count, with one image in it.
+        differ = {k: (meta[k], want[k]) for k in want if meta[k] != want[k] and k != "ITERS"}
+        if differ:
+            raise RuntimeError(f"launch {n}: the batch-1 plan's constexprs differ from the compiled ones: {differ}")
+        meta = dict(meta, ITERS=want.get("ITERS", meta.get("ITERS")))
         iters: Dict[int, int] = {}
+        entries: Dict[int, int] = {}
         executed: set = set()
 
         def counting_range(*a):
@@ -515,6 +666,7 @@ def _trace_worker(request: dict) -> dict:
                     yield x
 
             iters.setdefault(line, 0)
+            entries[line] = entries.get(line, 0) + 1
             return gen()
 
         def local(frame, event, arg):
@@ -544,7 +696,9 @@ def _trace_worker(request: dict) -> dict:
             sys.settrace(None)
             del triton_pgs.range
             del interp.range
-        results.append(dict(iters=iters, executed=sorted(executed)))
+        # iterations per entry of each for-line (constant for constexpr bounds)
+        trips = {line: iters[line] / entries[line] for line in iters if entries.get(line)}
+        results.append(dict(trips=trips, executed=sorted(executed)))
     return dict(kernel_file=kernel_file, launches=results)
 
 
@@ -557,16 +711,16 @@ def trace_config(cfg, metas) -> dict:
         raise RuntimeError(f"tracing {config_name(cfg)} failed:\n{proc.stderr[-4000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     for lt in out["launches"]:
-        lt["iters"] = {int(k): v for k, v in lt["iters"].items()}
+        lt["trips"] = {int(k): v for k, v in lt["trips"].items()}
         lt["executed"] = set(lt["executed"])
     return out
 
 
 # ---- one row ---------------------------------------------------------------------------
 
-_CLASSES = {"barriers": ("BAR",), "global_loads": ("LDG",), "global_stores": ("STG", "RED", "ATOM"),
+_CLASSES = {"barriers": ("BAR",), "global_loads": ("LDG", "LDGSTS"), "global_stores": ("STG", "RED", "ATOM"),
             "shared": ("LDS", "STS", "LDSM", "STSM"), "shuffles": ("SHFL",),
-            "fma": ("FFMA", "FMUL", "FADD"), "mma": ("HMMA", "HGMMA")}
+            "fp32": ("FFMA", "FMUL", "FADD"), "mufu": ("MUFU",), "mma": ("HMMA", "HGMMA")}
 
 
 def _json_meta(meta) -> dict:
@@ -593,13 +747,16 @@ def report_config(cfg, archs, batch: int = BATCH, verbose: bool = False) -> List
             ck = compile_launch(kernel, args, meta, arch)
             use = ptxas_usage(ck["ptx"], arch)
             instrs, labels = parse_sass(disassemble(ck["cubin"]))
+            ptx_instrs, ptx_labels = parse_ptx(ck["ptx"])
             lt = trace["launches"][n]
-            counts, loop_list = dynamic_counts(instrs, labels, lt["iters"], lt["executed"], kernel_file)
+            counts, loop_list = dynamic_counts(instrs, labels, ptx_instrs, ptx_labels, lt["trips"], lt["executed"],
+                                               kernel_file)
             per_thread = sum(counts)
-            # The traced program handled one image; a launch with several programs
-            # per image (grid larger than the batch) costs that many per image.
+            # The count covers the ITERS images a program strides over (each
+            # iteration counted as one image's work); a launch with several
+            # programs per image (grid larger than the batch) costs that many.
             progs = math.prod(grid)
-            ppi = progs / batch if progs > batch else 1.0
+            ppi = (progs / batch if progs > batch else 1.0) / meta.get("ITERS", 1)
             per_image = per_thread * ppi
             tot_instr += per_image
             warp_instr += per_image * ck["num_warps"]
@@ -609,15 +766,15 @@ def report_config(cfg, archs, batch: int = BATCH, verbose: bool = False) -> List
                     step = steps_of[loc[1]]
                 key = step if len(launches) == 1 else f"{n}:{step}"
                 by_step[key] = by_step.get(key, 0.0) + c * ppi
-                for cls, prefixes in _CLASSES.items():
-                    if op.startswith(prefixes):
+                for cls, names in _CLASSES.items():
+                    if op.split(".")[0] in names:
                         by_class[cls] = by_class.get(cls, 0.0) + c * ppi
             regs.append(use["regs"])
             spills += use["spill_bytes"]
             shared.append(ck["shared"])
             warps_list.append(ck["num_warps"])
             ctas.append(ctas_per_sm(use["regs"], ck["num_warps"], ck["shared"] + use["static_shared"], arch))
-            loops_desc.append([[ln, it] for ln, it in loop_list])
+            loops_desc.append([[ln, round(it, 2), u] for ln, it, u in loop_list])
         issue = batch * warp_instr / (a["sms"] * a["schedulers"] * a["clock_ghz"] * 1e3)
         row.update(
             num_warps=max(warps_list), regs=max(regs), spill_bytes=spills, shared_bytes=max(shared),
@@ -632,7 +789,7 @@ def report_config(cfg, archs, batch: int = BATCH, verbose: bool = False) -> List
         row["issue_over_bandwidth"] = round(row["issue_floor_us"] / row["bandwidth_floor_us"], 2)
         rows.append(row)
         if verbose:
-            print(f"  {config_name(cfg)} {arch}: loops (for-line, iterations) {loops_desc}", file=sys.stderr)
+            print(f"  {config_name(cfg)} {arch}: loops (for-line, iterations, unroll) {loops_desc}", file=sys.stderr)
     return rows
 
 
