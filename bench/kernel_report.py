@@ -832,6 +832,10 @@ def main(argv=None):
         print(json.dumps(_trace_worker(json.loads(args.trace_worker))))
         return 0
     os.environ.pop("TRITON_INTERPRET", None)
+    # A fresh compile cache: a cached cubin carries the line information of
+    # wherever the same source was compiled first (another checkout's paths).
+    cache = tempfile.TemporaryDirectory(prefix="kernel-report-")
+    os.environ["TRITON_CACHE_DIR"] = cache.name
     import torch
     import triton
 
