@@ -446,3 +446,21 @@ def test_compiles_for_sm90_and_sm80():
     for ln in lines:
         if " 224 224 " in ln:
             assert ln.endswith("spills 0"), ln
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without CUDA")
+def test_gpu_scripts_say_they_need_cuda(tmp_path):
+    """Without CUDA the GPU smoke check and suite stop with a clear message and
+    a non-zero exit, no traceback and no files."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHON=sys.executable)
+    for cmd in ([sys.executable, "-m", "bench.gpu_smoke", "--out", str(tmp_path)],
+                ["bash", "bench/gpu_suite.sh", "--out", str(tmp_path)]):
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, (cmd, proc.stdout, proc.stderr)
+        assert "needs a CUDA device" in proc.stderr and "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())
