@@ -282,6 +282,17 @@ def test_multi_block_candidates(monkeypatch):
                mask_ratio=0.7, use_ot=use_ot)
 
 
+def test_similarity_in_several_blocks(monkeypatch):
+    # Small similarity tiles: S comes in blocks of 16 patches, gathered into one
+    # register tile for Sinkhorn (or streamed, with the S tile small too).
+    monkeypatch.setattr(triton_pgs, "_SIM_TILE", 256)
+    images, tokens, noise = _inputs(27, 2, 3, 32, 48, 8)
+    for kw in (dict(token_weight=0.5), dict(), dict(use_ot=False, token_weight=0.3)):
+        _check(images, tokens, noise, patch_size=8, candidate_ratio=0.2, **kw)
+    monkeypatch.setattr(triton_pgs, "_S_TILE", 256)
+    _check(images, tokens, noise, patch_size=8, candidate_ratio=0.2, token_weight=0.5)
+
+
 def test_batch_stride_loop(monkeypatch):
     # A tiny scratch budget: one program walks the whole batch.
     monkeypatch.setattr(triton_pgs, "_SCRATCH_BUDGET", 1)
