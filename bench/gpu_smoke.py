@@ -143,8 +143,10 @@ def main(argv=None) -> int:
 
     import pgs_kernels
     import python_ref
+    from bench.kernel_report import _pgs_counts
     from pgs_kernels import triton_pgs
-    from python_ref.selection import pgs_counts
+
+    pgs_counts = _pgs_counts()
 
     os.makedirs(args.out, exist_ok=True)
     dev = _device_tag(torch)

@@ -125,10 +125,16 @@ def parse_config(text: str):
     return int(m.group(1)), int(m.group(2)), tdt, (int(m.group(4) or 768) if tdt else 0)
 
 
-def _counts(L: int):
-    from python_ref.selection import pgs_counts
+def _pgs_counts():
+    try:  # where the package keeps the contract's counts
+        from pgs_kernels import pgs_counts
+    except ImportError:
+        from python_ref.selection import pgs_counts
+    return pgs_counts
 
-    return pgs_counts(L, MASK_RATIO, CANDIDATE_RATIO)  # (K, M, k)
+
+def _counts(L: int):
+    return _pgs_counts()(L, MASK_RATIO, CANDIDATE_RATIO)  # (K, M, k)
 
 
 def plan(cfg, batch: int, device: str, compiled: bool, tok_dtype=None):
