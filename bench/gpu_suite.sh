@@ -1,38 +1,80 @@
 #!/usr/bin/env bash
-# The project's published GPU figures, in one call on a CUDA machine:
-#   bash bench/gpu_suite.sh              (everything; sized for the device tool's 10 min)
-#   bash bench/gpu_suite.sh tests micro  (only some parts: tests, memcheck, micro, train)
-# 1. builds the native CPU kernel in place (the GPU machine cannot pip install);
-# 2. runs the whole test suite with CUDA present (Triton compiled, CUDA-graph
-#    and torch.compile tests enabled) and writes a summary JSON;
-# 3. runs compute-sanitizer memcheck on one fused call;
-# 4. runs the microbenchmarks (the Triton issue's preset, then the sweep);
-# 5. runs the trainer's throughput comparison (ViT-B/16, batch 256, bf16).
-# Every JSON names the device, torch and triton versions and the git commit;
-# all of it lands in bench/results/ (and in $OUT when the device tool runs it).
-# Steps go on after a failure so that one broken step still leaves the others'
-# figures; the exit status is non-zero if any step failed.
+# The project's GPU figures, part by part, on a CUDA machine:
+#   bash bench/gpu_suite.sh                          all parts into bench/results/
+#   bash bench/gpu_suite.sh --out DIR smoke tests    some parts, into DIR
+# Parts (in this order; default all):
+#   smoke     python -m bench.gpu_smoke: compile, registers as loaded, agreement with
+#             the fp64 reference, invariants, layouts, timing (2 min)
+#   tests     the test suite with CUDA present (Triton compiled, CUDA graphs,
+#             torch.compile); a JUnit XML and a JSON summary
+#   memcheck  compute-sanitizer memcheck on one fused call (both launches)
+#   micro     python -m bench.micro, ViT-B/16 preset, 300 s time limit
+#   train     python -m bench.clip.throughput
+# Each part runs under `timeout` (PART_TIMEOUT seconds, default 480) and writes
+# its files into the output folder as soon as it ends. The native CPU kernel is
+# not built: no part needs it for the GPU figures, and the build takes ~3 min;
+# the tests part runs the CPU paths on the reference fallback (the native tests
+# skip). Set BUILD_NATIVE=1 to build it first (inside the tests part's time).
+# Exit status: 0 only if every requested part ran and passed; a failed, timed
+# out or missing part counts as a failure. Without CUDA: an error and exit 2.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-RES=bench/results
-mkdir -p "$RES"
-DEV=$($PY -c "import torch; n=torch.cuda.get_device_name(0).lower(); print('h200' if 'h200' in n else 'h100' if 'h100' in n else n.replace(' ', '-'))")
-PARTS=${*:-tests memcheck micro train}
-want() { [[ " $PARTS " == *" $1 "* ]]; }
-# The full microbenchmark sweep alone runs longer than one 10-minute device
-# call; the sweep stops starting new series after this many seconds and lists
-# the ones it skipped (run `micro` alone with a larger value for all of them).
-MICRO_TIME_LIMIT=${MICRO_TIME_LIMIT:-150}
-fail=0
-step() { echo; echo "=== $*"; "$@" || { echo "!!! step failed: $*"; fail=1; }; }
+OUT_DIR=bench/results
+PARTS=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) OUT_DIR=$2; shift 2 ;;
+    --out=*) OUT_DIR=${1#--out=}; shift ;;
+    smoke|tests|memcheck|micro|train) PARTS+=("$1"); shift ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) echo "gpu_suite: unknown argument '$1' (parts: smoke tests memcheck micro train; --out DIR)" >&2; exit 2 ;;
+  esac
+done
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(smoke tests memcheck micro train)
+PART_TIMEOUT=${PART_TIMEOUT:-480}
+mkdir -p "$OUT_DIR"
 
-step $PY setup.py build_ext --inplace -q
+if ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "gpu_suite: needs a CUDA device (torch.cuda.is_available() is False with $PY); nothing was run." >&2
+  exit 2
+fi
+DEV=$($PY -c "
+import torch
+n = torch.cuda.get_device_name(0).lower()
+print(next((t for t in ('h200', 'h100', 'a100', 'l40s', 'a10g', 'l4') if t in n), n.replace(' ', '-')))")
 
-if want tests; then
-step $PY -m pytest tests bench -q -p no:cacheprovider --junitxml="$RES/gpu-tests-$DEV.xml"
-$PY - "$RES/gpu-tests-$DEV.xml" "$RES/gpu-tests-$DEV.json" <<'EOF'
+declare -A STATUS
+failed=0
+run_part() {  # run_part NAME EXPECTED_FILE COMMAND...
+  local name=$1 expect=$2; shift 2
+  echo; echo "=== [$(date +%H:%M:%S)] $name (limit ${PART_TIMEOUT}s)"
+  local t0=$SECONDS rc
+  timeout --kill-after=20 "$PART_TIMEOUT" "$@"
+  rc=$?
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    STATUS[$name]="timed out after ${PART_TIMEOUT}s"
+  elif [ $rc -ne 0 ]; then
+    STATUS[$name]="failed (exit $rc)"
+  elif [ -n "$expect" ] && [ ! -s "$expect" ]; then
+    STATUS[$name]="missing $expect"
+  else
+    STATUS[$name]="ok ($((SECONDS - t0)) s)"
+    return 0
+  fi
+  failed=$((failed + 1))
+  echo "!!! $name: ${STATUS[$name]}"
+}
+
+tests_part() {
+  if [ "${BUILD_NATIVE:-0}" = 1 ]; then
+    $PY setup.py build_ext --inplace -q || return 1
+  fi
+  local xml="$OUT_DIR/gpu-tests-$DEV.xml" rc
+  $PY -m pytest tests bench -q -p no:cacheprovider --junitxml="$xml"
+  rc=$?
+  $PY - "$xml" "$OUT_DIR/gpu-tests-$DEV.json" <<'EOF'
 import json, subprocess, sys, xml.etree.ElementTree as ET
 import torch
 try:
@@ -49,30 +91,41 @@ json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, 
            "commit": commit, **counts, "failed": failed}, open(sys.argv[2], "w"), indent=1)
 print(open(sys.argv[2]).read())
 EOF
-fi
+  return $rc
+}
 
-if want memcheck && command -v compute-sanitizer >/dev/null; then
-  step compute-sanitizer --tool memcheck --error-exitcode 9 --log-file "$RES/gpu-memcheck-$DEV.log" $PY -c "
+memcheck_part() {
+  command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer not found"; return 1; }
+  compute-sanitizer --tool memcheck --error-exitcode 9 --log-file "$OUT_DIR/gpu-memcheck-$DEV.log" $PY -c "
 import torch, pgs_kernels
 x = torch.randn(8, 3, 224, 224, device='cuda')
 t = torch.randn(8, 196, 768, device='cuda', dtype=torch.bfloat16)
 s = pgs_kernels.pgs_select(x, t, token_weight=0.5, return_scores=True, backend='triton')
-torch.cuda.synchronize(); print('memcheck call ok', tuple(s.keep_idx.shape))
+x = torch.randn(4, 3, 344, 344, device='cuda')[:, :, 4:340, 4:340]  # a sliced view, P = 14
+s2 = pgs_kernels.pgs_select(x, None, patch_size=14, return_scores=True, backend='triton')
+torch.cuda.synchronize(); print('memcheck calls ok', tuple(s.keep_idx.shape), tuple(s2.keep_idx.shape))
 "
-  cat "$RES/gpu-memcheck-$DEV.log"
-fi
+  local rc=$?
+  cat "$OUT_DIR/gpu-memcheck-$DEV.log"
+  return $rc
+}
 
-if want micro; then
-  step $PY bench/micro.py --device cuda --issue3 --out "$RES/micro-issue3-$DEV.json"
-  step $PY bench/micro.py --device cuda --time-limit "$MICRO_TIME_LIMIT" --out "$RES/micro-$DEV.json"
-fi
-if want train; then
-  step $PY bench/throughput.py --device cuda --out "$RES/train-$DEV.json"
-fi
+# `timeout` runs programs, not shell functions: the two function parts run in a child bash.
+export PY OUT_DIR DEV
+export -f tests_part memcheck_part
+for part in "${PARTS[@]}"; do
+  case "$part" in
+    smoke) run_part smoke "$OUT_DIR/gpu-smoke-$DEV.json" $PY -m bench.gpu_smoke --out "$OUT_DIR" ;;
+    tests) run_part tests "$OUT_DIR/gpu-tests-$DEV.json" bash -c tests_part ;;
+    memcheck) run_part memcheck "$OUT_DIR/gpu-memcheck-$DEV.log" bash -c memcheck_part ;;
+    micro) run_part micro "$OUT_DIR/micro-vit-b16-$DEV.json" \
+             $PY -m bench.micro --device cuda --preset vit-b16 --time-limit 300 --out "$OUT_DIR/micro-vit-b16-$DEV.json" ;;
+    train) run_part train "$OUT_DIR/train-$DEV.json" \
+             $PY -m bench.clip.throughput --device cuda --out "$OUT_DIR/train-$DEV.json" ;;
+  esac
+done
 
-if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
-  # the device tool returns at most 8 files: the JSON, plots and the memcheck log
-  cp "$RES"/*"$DEV"*.json "$RES"/*"$DEV"*.png "$RES"/*"$DEV"*.log "$OUT"/ 2>/dev/null || true
-fi
-echo; echo "gpu suite done on $DEV, failures: $fail"
-exit $fail
+echo; echo "=== gpu suite on $DEV, results in $OUT_DIR"
+for part in "${PARTS[@]}"; do printf '  %-9s %s\n' "$part" "${STATUS[$part]:-not run}"; done
+echo "failures: $failed"
+exit $(( failed > 0 ? 1 : 0 ))

@@ -1,43 +1,83 @@
 r"""Fused Triton kernel of PGS selection (SPEC.md; symbols as there).
 
-For image ``b`` with grid ``gh x gw``, ``L = gh gw`` patches, ``k`` candidates,
-``K`` kept and ``M = L - K`` dropped, one program computes
+For image ``b`` with a ``GH x GW`` grid of patches (``L = GH GW``), ``C``
+channels, ``k`` candidates, ``K`` kept and ``M = L - K`` dropped, one program
+runs six steps, one ``@triton.jit`` helper each:
 
-1. ``Y`` = channel mean; Sobel ``G = sqrt(Gx² + Gy²)`` with a replicated
-   border; ``e_j`` = mean of ``G`` over patch ``j``;
-   ``ê_j = (e_j - min e) / (max e - min e + 1e-6)``;
-2. ``key_j = u_j + w_e ê_j`` (NaN -> +inf), ``rank_j = #{l : (key_l, l) <
-   (key_j, j)}``; candidate ``i`` is the patch with ``rank = i < k``;
-3. ``S_ij = (1-α) <x̃_i, x̃_j> / ((‖x̃_i‖+1e-6)(‖x̃_j‖+1e-6))
-   + α <t_i, t_j> / ((‖t_i‖+1e-6)(‖t_j‖+1e-6))``, ``x̃ = x - mean(x)``;
-4. with OT, ``T`` log-domain Sinkhorn steps from ``g = 0``
-   (``f_i = log(1/k) - LSE_j(S_ij/ε + g_j)``, ``g_j = log(1/L) - LSE_i(S_ij/ε + f_i)``,
-   done in base 2) and ``r_j = L Σ_i exp(S_ij/ε + f_i + g_j) S_ij``;
-   without, ``r_j = max_i S_ij``; ``k = 0`` gives ``r = -inf``;
-5. ``tier_j`` = 0 (candidate), 1 (``r_j > θ``) or 2; the composite integer
-   ``c_j = tier_j L + rank_j`` orders patches by ``(tier, key, j)``; patch ``j``
-   is dropped when ``#{l : c_l < c_j} < M``; a kept patch goes to slot
-   ``#{kept l < j}`` of ``keep_idx`` (an exclusive prefix sum).
+1. ``_edge_pass`` reads the image once, top to bottom, a pixel column per
+   lane (a warp covers ``_SEG = 30`` columns plus a halo column each side;
+   wide images go in strips of 8 warps). Per row: ``Ysum = Σ_c x_c``,
+   ``Y = Ysum / C``, ``Y(x±1)`` from the neighbouring lanes (``tl.gather``
+   within the warp; at the image border a column is its own neighbour),
+   ``hs = Y(x-1) + 2Y(x) + Y(x+1)``, ``hd = Y(x+1) - Y(x-1)``. With the rows
+   above and below in registers, ``Gx = hd(y-1) + 2hd(y) + hd(y+1)``,
+   ``Gy = hs(y+1) - hs(y-1)``, ``G = sqrt(Gx² + Gy²)`` (rows past the top and
+   bottom replicate them). Per band of ``P`` rows each lane sums over its
+   column ``col_g = Σ G`` and, with ``s`` its channel-0 pixel in the band's
+   first row, ``col_t = Σ (Ysum - s⊕C)`` (``s⊕C``: ``s`` added ``C`` times in
+   the channel order, so a constant column gives exactly 0) and
+   ``col_q = Σ_c (x_c - s)²``: one store of each per band.
+2. ``_patch_stats``: per patch ``j`` over its ``P`` columns of ``n = C P``
+   values: ``e_j = Σ col_g / P²``; the mean
+   ``c_j = s_0 + (1/P) Σ_col ((s_col - s_0) + col_t/n)`` (``s_0`` the first
+   column's shift); the centred norm by Chan's merge,
+   ``‖x̃_j‖² = Σ_col (col_q - col_t²/n) + n Σ_col (m_col - c_j)²`` with
+   ``m_col = s_col + col_t/n``, and ``ι_j = 1 / (‖x̃_j‖ + 1e-6)``. A constant
+   patch gets ``c_j`` equal to its value and ``‖x̃_j‖ = 0``, exactly.
+   ``_edge_keys``: ``ê_j = (e_j - min e) / (max e - min e + 1e-6)`` (a NaN
+   ``e`` makes every ``ê`` NaN, as ``amin``/``amax`` do),
+   ``key_j = u_j + w_e ê_j``, NaN -> +inf, -0 -> +0.
+3. ``_order``: one sort (``tl.sort``, bitonic) of ``key_j`` packed over ``j``,
+   the order-preserving unsigned image of the key's bits in the high word and
+   ``j`` in the low one, so patches come in ``(key, j)`` order;
+   ``order[r]`` is the ``r``-th, the candidates are ``order[0..k)``.
+4. ``_similarity_block``: ``S`` (``k x L``) in tiles of ``BK ≥ k`` candidates x
+   ``BJ`` patches, each pixel tile read once for all candidates:
+   ``acc_ij = Σ_e (x_ie - c_i)(x_je - c_j)`` (``tl.dot`` in fp32, ``ieee``;
+   padding elements add exactly 0) and ``S^x_ij = acc_ij ι_i ι_j``; tokens:
+   ``acc^t_ij = <t_i, t_j>`` (bf16/fp16 on the tensor cores, products exact in
+   the fp32 accumulator) with ``ι^t`` from ``_token_norms``; then
+   ``S = (1-α) S^x + α S^t``. ``ι = 0`` (a squared norm that overflowed fp32)
+   makes a term exactly 0, as ``v / inf`` does in fp32; a token holding Inf
+   gets a NaN norm (its terms are ``t² + t·0``), as ``t / inf`` gives NaN.
+5. ``_sinkhorn_scaling``: with OT, SPEC's ``T`` log-domain Sinkhorn steps in
+   their scaling form. In base 2, ``z = S log2(e)/ε``, ``c_i = max_j z_ij``,
+   ``K_ij = 2^(z_ij - c_i)``; from ``B = 1``,
+   ``A_i = (1/k) / Σ_j K_ij B_j``, ``B_j = (1/L) / Σ_i K_ij A_i`` (so that
+   ``A_i = 2^(f_i/ln2 + c_i)``, ``B_j = 2^(g_j/ln2)``) and
+   ``r_j = L B_j Σ_i K_ij A_i S_ij``: two mat-vecs a step. The algebra is
+   exact; fp32 holds it when ``S`` is finite, every ``K_ij ≥ e^-80`` and every
+   sum stays in ``[1e-30, 1e30]`` (``_scale`` turns a sum outside into NaN,
+   which reaches ``r``). Otherwise ``_sinkhorn_log`` runs the steps
+   themselves: ``f_i = log2(1/k) - LSE2_j(z_ij + g_j)``,
+   ``g_j = log2(1/L) - LSE2_i(z_ij + f_i)``,
+   ``r_j = L Σ_i 2^(z_ij + f_i + g_j) S_ij``. When ``S`` does not fit one
+   register tile, ``_sinkhorn_stream`` and ``_sinkhorn_stream_log`` do the same
+   streaming it from scratch. Without OT ``r_j = max_i S_ij``; ``k = 0`` gives
+   ``r = -inf``.
+6. ``_select``: tier 0 for the first ``k`` in ``order``, 1 where ``r > θ``, 2
+   otherwise; walking ``order``, a patch's drop position is its place ``r``
+   (tier 0), ``k`` + the tier-1 patches before it (tier 1), or ``k`` + all
+   tier-1 patches + the tier-2 patches before it (tier 2): exclusive prefix
+   sums. Dropped when the position is ``< M``; a kept patch goes to slot
+   ``#{kept l < j}`` of ``keep_idx``.
 
-Design. One program per image (``grid = (B,)``, or fewer programs striding
-over the batch when the scratch for huge ``k·L`` would not fit a budget):
-every step needs per-image reductions (min/max of ``e``, ranks over all
-patches, Sinkhorn row and column sums), so keeping an image inside one
-program makes the whole selection one launch with no host sync and no
-cross-program communication. Pixels are read in two passes, which the
-candidate dependency forces. Pass 1 streams the image once with a rolling
-three-row Sobel window and also takes each patch's mean and centered norm of
-``x - x[first pixel]``, Chan-combined per row (a constant patch gets exactly
-zero, so zero similarity; near-constant ones lose no precision). Pass 2 (the ``k x L`` similarity) streams it again in ``(elements x patches)``
-tiles against the candidates' tiles with ``tl.dot`` (fp32 ``ieee``; bf16/fp16
-tokens go to the tensor cores in their own dtype, whose products are exact in
-the fp32 accumulator). Per-patch vectors that must be re-read in another
-layout (``e``, means, norms, keys, ranks) and ``S`` itself go through a small
-per-program scratch in global memory (L1/L2 resident), separated by
-``tl.debug_barrier`` (CTA barrier, which also orders global memory within the
-CTA). When ``k`` candidates fit one ``BK x BLOCK_L`` tile, ``S`` stays in
-registers for all ``T`` Sinkhorn steps; otherwise each step streams the
-candidate blocks from scratch with an online column log-sum-exp.
+Design. One program per image, ``grid = (B,)`` (fewer programs striding over
+the batch when the per-program scratch would pass ``_SCRATCH_BUDGET``): every
+step reduces over the whole image, so there is no host sync and no
+cross-program communication. The pixels are read twice (the candidates depend
+on all of pass 1). With both the pixel and the token term on, steps 1-3 and
+the pixel term run in a first launch (``FIRST``) and the token term, Sinkhorn
+and the selection in a second (``LAST``), which finds the first's
+per-program scratch: each kernel then holds one dot's tiles and fits 128
+registers, two 8-warp blocks an SM, without spilling (one launch does both
+when programs stride over several images). Per-patch vectors read back in
+another layout, and ``S`` when it spans blocks, go through the per-program
+scratch in global memory (L1/L2 resident), ordered by ``tl.debug_barrier``
+(a CTA barrier, which also orders global memory within the CTA). Loop bounds
+are compile-time constants (one compile per shape), so the interpreter runs
+the same loops. ``bench/kernel_report.py`` says what it costs on sm_90 and
+sm_80.
 """
 
 from __future__ import annotations
@@ -51,47 +91,323 @@ import triton.language as tl
 __all__ = ["pgs_select_triton", "MAX_PATCHES"]
 
 MAX_PATCHES = 1024
-_EPS = 1e-6
 _LOG2E = 1.4426950408889634
 # Scratch per call is capped; past it, fewer programs stride over the batch.
-_SCRATCH_BUDGET = 128 << 20
-# Largest ``BK x BLOCK_L`` tile of S held in registers through Sinkhorn.
-_S_TILE = 16384
+_SCRATCH_BUDGET = 256 << 20
+# Largest tile of S (BK x patches) Sinkhorn keeps in registers; past it, S is streamed from scratch.
+_S_TILE = 4096
+# Elements of one similarity tile (BK candidates x BJ patches).
+_SIM_TILE = 4096
+# A warp's 32 lanes cover this many image columns, plus a halo column each side.
+_SEG: tl.constexpr = tl.constexpr(30)
+# The scaling form of Sinkhorn needs K_ij >= e^-80, i.e. log2 K_ij >= -80 log2(e).
+_MIN_LOG2_K: tl.constexpr = tl.constexpr(-80.0 * _LOG2E)
+
+
+# ---- 1. edge energy and patch means -----------------------------------------------------
 
 
 @triton.jit
-def _sobel_row(img_b, s_c, s_h, s_w, C: tl.constexpr, inv_c, yrow, xl, xc, xr, ok, shift, P: tl.constexpr):
-    """One pixel row of a block of patches: channel-mean ``Y`` at ``x-1, x, x+1``
-    and the mean and sum of squared deviations of the row's ``C·P`` values
-    minus ``shift`` (channels merged with Chan's update)."""
-    yl = tl.zeros(xc.shape, tl.float32)
-    yc = tl.zeros(xc.shape, tl.float32)
-    yr = tl.zeros(xc.shape, tl.float32)
-    mean = tl.zeros((xc.shape[0],), tl.float32)
-    m2 = tl.zeros((xc.shape[0],), tl.float32)
-    for c in range(C):
-        base = img_b + c * s_c + yrow * s_h
-        vl = tl.load(base + xl * s_w, mask=ok, other=0.0).to(tl.float32)
-        vc = tl.load(base + xc * s_w, mask=ok, other=0.0).to(tl.float32)
-        vr = tl.load(base + xr * s_w, mask=ok, other=0.0).to(tl.float32)
-        yl += vl
-        yc += vc
-        yr += vr
-        vs = tl.where(ok, vc - shift[:, None], 0.0)
-        cm = tl.sum(vs, axis=1) / P
-        dv = tl.where(ok, vs - cm[:, None], 0.0)
-        w = 1.0 / (c + 1.0)
-        delta = cm - mean
-        mean += delta * w
-        m2 += tl.sum(dv * dv, axis=1) + delta * delta * (c * P * w)
-    return yl * inv_c, yc * inv_c, yr * inv_c, mean, m2
+def _load_row(img_b, s_c, s_h, s_w, y, x, xok, il, ir, inv_c, shift, C: tl.constexpr, FIRST: tl.constexpr):
+    """One image row at the lanes' columns: the Sobel row terms ``hs``, ``hd``
+    of ``Y``, the channel sum ``Σ_c x_c``, ``Σ_c (x_c - s)²`` and the shift
+    ``s`` (the channel-0 pixel itself when ``FIRST``). Lanes outside the image
+    load nothing: they only feed the halo lanes, never an owned column."""
+    row = img_b + y * s_h + x * s_w
+    v = tl.load(row, mask=xok).to(tl.float32)
+    if FIRST:
+        shift = v
+    ysum = v
+    d = v - shift
+    q = d * d
+    for c in tl.static_range(1, C):
+        v = tl.load(row + c * s_c, mask=xok).to(tl.float32)
+        ysum += v
+        d = v - shift
+        q += d * d
+    yv = ysum * inv_c
+    yl = tl.gather(yv, il, axis=1)
+    yr = tl.gather(yv, ir, axis=1)
+    return yl + 2.0 * yv + yr, yr - yl, ysum, q, shift
 
 
 @triton.jit
-def _sobel_mag(ul, uc, ur, ml, mr, dl, dc, dr):
-    gx = (ur + 2.0 * mr + dr) - (ul + 2.0 * ml + dl)
-    gy = (dl + 2.0 * dc + dr) - (ul + 2.0 * uc + ur)
+def _repeat_sum(v, C: tl.constexpr):
+    """``v`` added ``C`` times in order, as ``_load_row`` sums the channels."""
+    acc = v
+    for _c in tl.static_range(1, C):
+        acc += v
+    return acc
+
+
+@triton.jit
+def _sobel(hs_up, hd_up, hd_mid, hs_dn, hd_dn):
+    gx = hd_up + 2.0 * hd_mid + hd_dn
+    gy = hs_dn - hs_up
     return tl.sqrt(gx * gx + gy * gy)
+
+
+@triton.jit
+def _edge_pass(img_b, s_c, s_h, s_w, col_g, col_t, col_q, col_s,
+               C: tl.constexpr, P: tl.constexpr, GH: tl.constexpr, W: tl.constexpr, NSEG: tl.constexpr,
+               NSTRIP: tl.constexpr):
+    """Step 1: column sums per band of ``P`` rows (module docstring), in
+    vertical strips of ``NSEG`` warps' worth of columns."""
+    seg = tl.arange(0, NSEG)[:, None]
+    lane = tl.arange(0, 32)[None, :]
+    inv_c = 1.0 / C
+    for strip in range(NSTRIP):
+        x = strip * (NSEG * _SEG) + seg * _SEG + lane - 1
+        xok = (x >= 0) & (x < W)
+        # Neighbour lanes; at the image border a column is its own neighbour.
+        il = tl.where(x == 0, lane, tl.maximum(lane - 1, 0))
+        ir = tl.where(x == W - 1, lane, tl.minimum(lane + 1, 31))
+        own = xok & (lane > 0) & (lane < 31)
+        zero = tl.zeros(x.shape, tl.float32)
+        # Row -1 replicates row 0.
+        hs_mid, hd_mid, _y, _q, _s = _load_row(img_b, s_c, s_h, s_w, 0, x, xok, il, ir, inv_c, zero, C, True)
+        hs_up = hs_mid
+        hd_up = hd_mid
+        g_sum = zero
+        for band in range(GH):
+            y0 = band * P
+            # The band's first row completes G of the row above it (previous
+            # band) and gives each lane its shift s (own channel-0 pixel).
+            hs_dn, hd_dn, ysum, q_sum, shift = _load_row(img_b, s_c, s_h, s_w, y0, x, xok, il, ir, inv_c, zero,
+                                                         C, True)
+            shift_sum = _repeat_sum(shift, C)
+            t_sum = ysum - shift_sum
+            g = _sobel(hs_up, hd_up, hd_mid, hs_dn, hd_dn)
+            if band > 0:
+                tl.store(col_g + (band - 1) * W + x, g_sum + g, mask=own)
+            g_sum = zero
+            hs_up, hd_up, hs_mid, hd_mid = hs_mid, hd_mid, hs_dn, hd_dn
+            for r in tl.static_range(1, P):
+                hs_dn, hd_dn, ysum, q, _s = _load_row(img_b, s_c, s_h, s_w, y0 + r, x, xok, il, ir, inv_c, shift,
+                                                      C, False)
+                t_sum += ysum - shift_sum
+                q_sum += q
+                g_sum += _sobel(hs_up, hd_up, hd_mid, hs_dn, hd_dn)
+                hs_up, hd_up, hs_mid, hd_mid = hs_mid, hd_mid, hs_dn, hd_dn
+            tl.store(col_t + band * W + x, t_sum, mask=own)
+            tl.store(col_q + band * W + x, q_sum, mask=own)
+            tl.store(col_s + band * W + x, shift, mask=own)
+        # The last row: the row below replicates it.
+        g = _sobel(hs_up, hd_up, hd_mid, hs_mid, hd_mid)
+        tl.store(col_g + (GH - 1) * W + x, g_sum + g, mask=own)
+
+
+@triton.jit
+def _patch_stats(col_g, col_t, col_q, col_s, ws_e, ws_cen, ws_inv,
+                 C: tl.constexpr, P: tl.constexpr, GW: tl.constexpr, L: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Step 2a: ``e_j``, the patch means ``c_j`` and the inverse centred norms
+    ``ι_j = 1 / (‖x_j - mean‖ + 1e-6)`` (to scratch). With ``n = C P`` values a
+    column, column mean ``m = s + t/n`` and ``M2_col = q - t²/n``; the patch
+    merges its columns (Chan): ``‖x̃‖² = Σ_col M2_col + n Σ_col (m_col - c)²``,
+    all in differences from the first column's shift ``s_0``."""
+    W: tl.constexpr = GW * P
+    N: tl.constexpr = C * P
+    NB: tl.constexpr = BLOCK_L if BLOCK_L < 256 else 256
+    for jb in range(0, L, NB):
+        j = jb + tl.arange(0, NB)
+        jok = j < L
+        at = tl.where(jok, (j // GW) * W + (j % GW) * P, 0)
+        s0 = tl.load(col_s + at)
+        g = tl.zeros((NB,), tl.float32)
+        dm = tl.zeros((NB,), tl.float32)
+        for u in range(P):
+            g += tl.load(col_g + at + u)
+            dm += (tl.load(col_s + at + u) - s0) + tl.load(col_t + at + u) * (1.0 / N)
+        dm = dm * (1.0 / P)  # c - s0
+        m2 = tl.zeros((NB,), tl.float32)
+        for u in range(P):
+            t = tl.load(col_t + at + u)
+            q = tl.load(col_q + at + u)
+            dc = (tl.load(col_s + at + u) - s0) + t * (1.0 / N) - dm
+            # An overflowed q stays +inf (a zero vector below), never inf - inf.
+            m2 += tl.where(q == float("inf"), q, q - t * (t * (1.0 / N))) + N * (dc * dc)
+        tl.store(ws_e + j, g * (1.0 / (P * P)), mask=jok)
+        tl.store(ws_cen + j, s0 + dm, mask=jok)
+        # Rounding can leave m2 a hair below 0; NaN stays NaN (tl.maximum would drop it on a GPU).
+        tl.store(ws_inv + j, _inv_norm(tl.where(m2 < 0.0, 0.0, m2)), mask=jok)
+
+
+@triton.jit
+def _edge_keys(e, noise_b, s_nl, edge_b, edge_weight,
+               L: tl.constexpr, BLOCK_L: tl.constexpr, USE_EDGE: tl.constexpr):
+    """Step 2b: ``ê`` (stored) and the keys (returned; padding lanes +inf)."""
+    INF: tl.constexpr = float("inf")
+    j = tl.arange(0, BLOCK_L)
+    jok = j < L
+    lo = tl.min(tl.where(jok, e, INF), axis=0)
+    hi = tl.max(tl.where(jok, e, -INF), axis=0)
+    nan_e = tl.sum((jok & (e != e)).to(tl.int32), axis=0)
+    edge = (e - lo) / (hi - lo + 1e-6)
+    edge = tl.where(nan_e > 0, float("nan"), edge)
+    tl.store(edge_b + j, edge, mask=jok)
+    key = tl.load(noise_b + j * s_nl, mask=jok, other=0.0).to(tl.float32)
+    if USE_EDGE:
+        key = key + edge_weight * edge
+    key = tl.where(key != key, INF, key)
+    key = tl.where(key == 0.0, 0.0, key)  # -0 ties with +0, as in a stable sort
+    return tl.where(jok, key, INF)
+
+
+# ---- 3. order and candidates -------------------------------------------------------------
+
+
+@triton.jit
+def _order(key, ws_order, cand_b, k, BLOCK_L: tl.constexpr):
+    """Step 3: the patches in (key, j) order, by one sort of ``key`` packed over
+    ``j``: the key's bits mapped so that unsigned order is float order (flip
+    every bit of a negative, set the sign bit of a positive) in the high word,
+    ``j`` in the low word. The first ``k`` are the candidates."""
+    j = tl.arange(0, BLOCK_L)
+    bits = key.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, ~bits, bits | -2147483648).to(tl.uint32)
+    packed = tl.sort((ordered.to(tl.uint64) << 32) | j.to(tl.uint64))
+    order = (packed & 0xFFFFFFFF).to(tl.int32)
+    tl.store(ws_order + j, order)
+    tl.store(cand_b + j, order.to(tl.int64), mask=j < k)
+
+
+# ---- 4. similarity -----------------------------------------------------------------------
+
+
+@triton.jit
+def _pixel_dot(img_b, s_c, s_h, s_w, ci, cen_i, j, cen_j,
+               C: tl.constexpr, P: tl.constexpr, GW: tl.constexpr, E: tl.constexpr,
+               BK: tl.constexpr, BJ: tl.constexpr):
+    """``acc_ij = Σ_e (x_ie - c_i)(x_je - c_j)``. ``ci``, ``j``: valid patch
+    indices (padding rows and columns repeat a real patch; the caller discards
+    them). A power-of-two ``P`` is walked in flat chunks of ``E`` elements; any
+    other ``P`` row by row, each row in chunks of ``E`` columns (no integer
+    division per element)."""
+    c_off = ((ci // GW) * P) * s_h + ((ci % GW) * P) * s_w
+    p_off = ((j // GW) * P) * s_h + ((j % GW) * P) * s_w
+    acc = tl.zeros((BK, BJ), tl.float32)
+    el = tl.arange(0, E)
+    FLAT: tl.constexpr = (P & (P - 1)) == 0 and (P * P) % E == 0
+    ROW: tl.constexpr = (P + E - 1) // E * E  # a row padded to whole chunks
+    # One stage: the tiles pass through registers (centring) anyway, and
+    # prefetching them would cost the registers two CTAs an SM need.
+    if FLAT:
+        for c in range(C):
+            for e0 in tl.range(0, P * P, E, num_stages=1):
+                e = e0 + el
+                e_off = c * s_c + (e // P) * s_h + (e % P) * s_w
+                a = tl.load(img_b + c_off[:, None] + e_off[None, :]) - cen_i[:, None]
+                bt = tl.load(img_b + e_off[:, None] + p_off[None, :]) - cen_j[None, :]
+                acc = tl.dot(a, bt, acc, input_precision="ieee")
+    else:
+        # One loop over (channel, row chunk): ptxas would unroll a loop over the
+        # few rows of one channel (14 for P = 14) into a register hog.
+        STEPS: tl.constexpr = P * ROW // E
+        for step in tl.range(0, C * STEPS, num_stages=1):
+            c = step // STEPS
+            e0 = (step % STEPS) * E
+            ex = e0 % ROW + el
+            e_off = c * s_c + (e0 // ROW) * s_h + ex * s_w
+            eok = ex < P
+            # Columns past P: 0 on the candidates' side, so whatever the
+            # patches' side holds there adds exactly 0.
+            a = tl.where(eok[None, :], tl.load(img_b + c_off[:, None] + e_off[None, :], mask=eok[None, :],
+                                               other=0.0) - cen_i[:, None], 0.0)
+            bt = tl.load(img_b + e_off[:, None] + p_off[None, :], mask=eok[:, None], other=0.0) - cen_j[None, :]
+            acc = tl.dot(a, bt, acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _token_norms(tok_b, s_tl, s_td, ws_tinv, L: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr,
+                 DB: tl.constexpr):
+    """Step 4a: ``ι^t_j = 1 / (‖t_j‖ + 1e-6)`` of every token (to scratch). Each
+    term is ``t² + t·0``: a token holding Inf gets a NaN norm (as ``t / inf``
+    gives NaN in ``t̂``), finite tokens whose norm overflows get Inf (``ι = 0``)."""
+    NB: tl.constexpr = BLOCK_L if BLOCK_L < 256 else 256
+    # Patches along the first axis here (the dot has them along the second):
+    # no address is shared with the dot, so none stays live until it.
+    for jb in range(0, L, NB):
+        j = jb + tl.arange(0, NB)
+        jc = tl.where(j < L, j, 0)
+        sq = tl.zeros((NB, DB), tl.float32)
+        for d0 in range(0, D, DB):
+            d = d0 + tl.arange(0, DB)
+            if D % DB == 0:
+                t = tl.load(tok_b + jc[:, None] * s_tl + d[None, :] * s_td).to(tl.float32)
+            else:
+                t = tl.load(tok_b + jc[:, None] * s_tl + d[None, :] * s_td, mask=(d < D)[None, :], other=0.0)
+                t = t.to(tl.float32)
+            sq = (sq + t * t) + t * 0.0
+        tl.store(ws_tinv + j, _inv_norm(tl.sum(sq, axis=1)), mask=j < L)
+
+
+@triton.jit
+def _token_dot(tok_b, s_tl, s_td, ci, j,
+               D: tl.constexpr, DB: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr, TOK_LOWP: tl.constexpr):
+    """``acc_ij = <t_i, t_j>``; ``ci``, ``j``: valid patch indices, as in ``_pixel_dot``."""
+    acc = tl.zeros((BK, BJ), tl.float32)
+    for d0 in range(0, D, DB):
+        d = d0 + tl.arange(0, DB)
+        if D % DB == 0:
+            ta = tl.load(tok_b + ci[:, None] * s_tl + d[None, :] * s_td)
+            tb = tl.load(tok_b + j[None, :] * s_tl + d[:, None] * s_td)
+        else:
+            dok = d < D
+            ta = tl.load(tok_b + ci[:, None] * s_tl + d[None, :] * s_td, mask=dok[None, :], other=0.0)
+            tb = tl.load(tok_b + j[None, :] * s_tl + d[:, None] * s_td, mask=dok[:, None], other=0.0)
+        if TOK_LOWP:
+            acc = tl.dot(ta, tb, acc)
+        else:
+            acc = tl.dot(ta.to(tl.float32), tb.to(tl.float32), acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _inv_norm(sq):
+    """``1 / (‖v‖ + 1e-6)``: 0 when ``‖v‖²`` overflowed, NaN when it is NaN."""
+    return 1.0 / (tl.sqrt_rn(sq) + 1e-6)
+
+
+@triton.jit
+def _cosine(acc, inv_i, inv_j):
+    """``acc_ij ι_i ι_j``, exactly 0 when either vector counts as zero (ι = 0)."""
+    s = (acc * inv_i[:, None]) * inv_j[None, :]
+    return tl.where((inv_i[:, None] * inv_j[None, :]) == 0.0, 0.0, s)
+
+
+@triton.jit
+def _similarity_block(img_b, s_c, s_h, s_w, tok_b, s_tl, s_td, ws_cen, ws_inv, ws_tinv, pix_tile, ci, vi, j, vj,
+                      token_weight, PIXELS: tl.constexpr, TOKENS: tl.constexpr, BOTH: tl.constexpr,
+                      C: tl.constexpr, P: tl.constexpr, GW: tl.constexpr, E: tl.constexpr, D: tl.constexpr,
+                      DB: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr, TOK_LOWP: tl.constexpr):
+    """Step 4 for one block of patches, a ``BK x BJ`` tile: the pixel term
+    ``(1-α) <p̂_i, p̂_j>`` (``PIXELS``) and/or the token term ``α <t̂_i, t̂_j>``
+    (``TOKENS``), the weights applied when ``BOTH`` terms are on. With both,
+    the pixel term waits in ``pix_tile`` while the token tiles hold the
+    registers (or, with ``TOKENS`` alone, it is the pixel launch's tile there).
+    Padding rows and columns hold 0, so no later step can pick up a NaN."""
+    s = tl.zeros((BK, BJ), tl.float32)
+    jc = tl.where(vj, j, 0)
+    if PIXELS:
+        acc = _pixel_dot(img_b, s_c, s_h, s_w, ci, tl.load(ws_cen + ci), jc, tl.load(ws_cen + jc),
+                         C, P, GW, E, BK, BJ)
+        s = _cosine(acc, tl.load(ws_inv + ci), tl.load(ws_inv + jc))
+        if BOTH:
+            s = (1.0 - token_weight) * s
+        if TOKENS:
+            tl.store(pix_tile, s)
+    if TOKENS:
+        acc = _token_dot(tok_b, s_tl, s_td, ci, jc, D, DB, BK, BJ, TOK_LOWP)
+        s = _cosine(acc, tl.load(ws_tinv + ci), tl.load(ws_tinv + jc))
+        if BOTH:
+            if PIXELS:
+                tl.debug_barrier()
+            s = token_weight * s + tl.load(pix_tile)
+    return tl.where(vi[:, None] & vj[None, :], s, 0.0)
+
+
+# ---- 5. redundancy -----------------------------------------------------------------------
 
 
 @triton.jit
@@ -107,278 +423,300 @@ def _lse2(x, axis: tl.constexpr):
 
 
 @triton.jit
+def _kernel_tile(S, valid, z_scale, c):
+    """``z = S log2(e)/ε`` and ``K = 2^(z - c_i)`` on a tile (0 outside ``valid``),
+    with the count of entries fp32 cannot hold (``S`` not finite or ``K < e^-80``)."""
+    z = S * z_scale
+    dz = z - c[:, None]
+    bad = tl.sum(tl.sum((valid & ~((dz >= _MIN_LOG2_K) & (z - z == 0.0))).to(tl.int32), axis=1), axis=0)
+    return tl.where(valid, tl.exp2(dz), 0.0), bad
+
+
+@triton.jit
+def _scale(num, den):
+    """``num / den`` when ``den`` lies in ``[1e-30, 1e30]``, else NaN: a number
+    fp32 would not hold poisons everything after it, and the caller sees NaN."""
+    return tl.where((den >= 1e-30) & (den <= 1e30), tl.fdiv(num, den, ieee_rounding=False), float("nan"))
+
+
+@triton.jit
+def _sinkhorn_scaling(S, vi, vj, inv_k, inv_l, z_scale, ws_s,
+                      L: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, LP: tl.constexpr):
+    """Step 5, scaling form on a register tile of ``S``: ``r`` and the count
+    of numbers fp32 did not hold (nonzero: the caller takes the log domain).
+    ``S`` waits in ``ws_s`` (``BK x LP``) meanwhile, and stays there."""
+    valid = vi[:, None] & vj[None, :]
+    c = tl.max(tl.where(valid, S * z_scale, -float("inf")), axis=1)
+    c = tl.where(vi, c, 0.0)
+    Kt, bad = _kernel_tile(S, valid, z_scale, c)
+    park = ws_s + tl.arange(0, BK)[:, None] * LP + tl.arange(0, LP)[None, :]
+    tl.store(park, S)
+    B = tl.where(vj, 1.0, 0.0)
+    A = c
+    for _t in range(T):
+        A = tl.where(vi, _scale(inv_k, tl.sum(Kt * B[None, :], axis=1)), 0.0)
+        B = tl.where(vj, _scale(inv_l, tl.sum(Kt * A[:, None], axis=0)), 0.0)
+    tl.debug_barrier()
+    red = (L * B) * tl.sum((Kt * A[:, None]) * tl.load(park), axis=0)
+    return red, bad + tl.sum((vj & (red - red != 0.0)).to(tl.int32), axis=0)
+
+
+@triton.jit
+def _sinkhorn_log(S, vi, vj, z_scale, log2_a, log2_b, L: tl.constexpr, T: tl.constexpr):
+    """Step 5, log domain on a register tile of ``S`` (the fallback)."""
+    INF: tl.constexpr = float("inf")
+    z = S * z_scale
+    g = tl.where(vj, 0.0, -INF)
+    f = tl.where(vi, 0.0, -INF)
+    for _t in range(T):
+        f = tl.where(vi, log2_a - _lse2(z + g[None, :], 1), -INF)
+        g = tl.where(vj, log2_b - _lse2(z + f[:, None], 0), -INF)
+    plan = tl.exp2(z + f[:, None] + g[None, :])
+    return L * tl.sum(plan * S, axis=0)
+
+
+@triton.jit
+def _s_tile(ws_s, nj, k, L: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr, LP: tl.constexpr):
+    rows = tl.arange(0, BK)
+    j = nj * BJ + tl.arange(0, BJ)
+    vi = rows < k
+    vj = j < L
+    S = tl.load(ws_s + rows[:, None] * LP + j[None, :])
+    return S, vi, vj, j
+
+
+@triton.jit
+def _sinkhorn_stream(ws_s, ws_b, red_b, k, inv_k, inv_l, z_scale,
+                     L: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr, NJ: tl.constexpr):
+    """Step 5, scaling form with ``S`` in scratch (``BK x NJ·BJ``), streamed in
+    ``BK x BJ`` tiles; ``B`` lives in scratch. Writes ``r``; returns the count
+    of numbers fp32 did not hold."""
+    LP: tl.constexpr = NJ * BJ
+    rows = tl.arange(0, BK)
+    vi = rows < k
+    c = tl.full((BK,), -float("inf"), tl.float32)
+    for nj in range(NJ):
+        S, vi, vj, j = _s_tile(ws_s, nj, k, L, BK, BJ, LP)
+        c = tl.maximum(c, tl.max(tl.where(vi[:, None] & vj[None, :], S * z_scale, -float("inf")), axis=1))
+        tl.store(ws_b + j, tl.where(vj, 1.0, 0.0))
+    c = tl.where(vi, c, 0.0)
+    bad = tl.zeros((), tl.int32)
+    for nj in range(NJ):
+        S, vi, vj, j = _s_tile(ws_s, nj, k, L, BK, BJ, LP)
+        _K, bad_t = _kernel_tile(S, vi[:, None] & vj[None, :], z_scale, c)
+        bad += bad_t
+    A = c
+    for _t in range(T):
+        tl.debug_barrier()
+        rs = tl.zeros((BK,), tl.float32)
+        for nj in range(NJ):
+            S, vi, vj, j = _s_tile(ws_s, nj, k, L, BK, BJ, LP)
+            Kt, _b = _kernel_tile(S, vi[:, None] & vj[None, :], z_scale, c)
+            rs += tl.sum(Kt * tl.load(ws_b + j)[None, :], axis=1)
+        A = tl.where(vi, _scale(inv_k, rs), 0.0)
+        tl.debug_barrier()
+        for nj in range(NJ):
+            S, vi, vj, j = _s_tile(ws_s, nj, k, L, BK, BJ, LP)
+            Kt, _b = _kernel_tile(S, vi[:, None] & vj[None, :], z_scale, c)
+            tl.store(ws_b + j, tl.where(vj, _scale(inv_l, tl.sum(Kt * A[:, None], axis=0)), 0.0))
+    tl.debug_barrier()
+    for nj in range(NJ):
+        S, vi, vj, j = _s_tile(ws_s, nj, k, L, BK, BJ, LP)
+        Kt, _b = _kernel_tile(S, vi[:, None] & vj[None, :], z_scale, c)
+        red = (L * tl.load(ws_b + j)) * tl.sum((Kt * A[:, None]) * S, axis=0)
+        tl.store(red_b + j, red, mask=vj)
+        bad += tl.sum((vj & (red - red != 0.0)).to(tl.int32), axis=0)
+    return bad
+
+
+@triton.jit
+def _sinkhorn_stream_log(ws_s, ws_g, red_b, k, z_scale, log2_a, log2_b,
+                         L: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr, NJ: tl.constexpr):
+    """Step 5, log domain with ``S`` in scratch (the fallback of the above):
+    ``f`` by an online log-sum-exp over the patch blocks, ``g`` in scratch."""
+    INF: tl.constexpr = float("inf")
+    LP: tl.constexpr = NJ * BJ
+    rows = tl.arange(0, BK)
+    vi = rows < k
+    tl.debug_barrier()
+    for nj in range(NJ):
+        j = nj * BJ + tl.arange(0, BJ)
+        tl.store(ws_g + j, tl.where(j < L, 0.0, -INF))
+    f = tl.where(vi, 0.0, -INF)
+    for _t in range(T):
+        tl.debug_barrier()
+        m = tl.full((BK,), -INF, tl.float32)
+        s = tl.zeros((BK,), tl.float32)
+        for nj in range(NJ):
+            S, vi, vj, j = _s_tile(ws_s, nj, k, L, BK, BJ, LP)
+            x = S * z_scale + tl.load(ws_g + j)[None, :]
+            m_new = tl.maximum(m, tl.max(x, axis=1))
+            sh = tl.where(m_new == -INF, 0.0, m_new)
+            s = s * tl.exp2(m - sh) + tl.sum(tl.exp2(x - sh[:, None]), axis=1)
+            m = m_new
+        f = tl.where(vi, log2_a - (tl.where(m == -INF, 0.0, m) + tl.log2(s)), -INF)
+        tl.debug_barrier()
+        for nj in range(NJ):
+            S, vi, vj, j = _s_tile(ws_s, nj, k, L, BK, BJ, LP)
+            g = tl.where(vj, log2_b - _lse2(S * z_scale + f[:, None], 0), -INF)
+            tl.store(ws_g + j, g)
+    tl.debug_barrier()
+    for nj in range(NJ):
+        S, vi, vj, j = _s_tile(ws_s, nj, k, L, BK, BJ, LP)
+        plan = tl.exp2(S * z_scale + f[:, None] + tl.load(ws_g + j)[None, :])
+        tl.store(red_b + j, L * tl.sum(plan * S, axis=0), mask=vj)
+
+
+@triton.jit
+def _max_redundancy(S, vi, vj):
+    """``r_j = max_i S_ij``, NaN propagating as ``amax`` does."""
+    sm = vi[:, None] & vj[None, :]
+    red = tl.max(tl.where(sm, S, -float("inf")), axis=0)
+    nan_s = tl.sum(((S != S) & sm).to(tl.int32), axis=0)
+    return tl.where(nan_s > 0, float("nan"), red)
+
+
+# ---- 6. selection ------------------------------------------------------------------------
+
+
+@triton.jit
+def _select(ws_order, red_b, mask_b, keep_b, k, M, sim_threshold, L: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Step 6: drop the first ``M`` in (tier, key, j) order; ``keep_idx`` ascending."""
+    r = tl.arange(0, BLOCK_L)  # position in key order
+    ok = r < L
+    jr = tl.load(ws_order + r, mask=ok, other=0)
+    hot = tl.load(red_b + jr, mask=ok, other=0.0) > sim_threshold
+    tier1 = (ok & (r >= k) & hot).to(tl.int32)
+    tier2 = (ok & (r >= k) & ~hot).to(tl.int32)
+    n1 = tl.cumsum(tier1, axis=0) - tier1
+    n2 = tl.cumsum(tier2, axis=0) - tier2
+    pos = tl.where(r < k, r, tl.where(tier1 > 0, k + n1, k + tl.sum(tier1, axis=0) + n2))
+    tl.store(mask_b + jr, pos < M, mask=ok)
+    tl.debug_barrier()
+    dropped = tl.load(mask_b + r, mask=ok, other=1).to(tl.int32)
+    kept = tl.where(ok, 1 - dropped, 0)
+    slot = tl.cumsum(kept, axis=0) - kept
+    tl.store(keep_b + slot, r.to(tl.int64), mask=kept > 0)
+
+
+# ---- the kernel --------------------------------------------------------------------------
+
+
+@triton.jit
 def _pgs_kernel(
     img_ptr, s_ib, s_ic, s_ih, s_iw,
     tok_ptr, s_tb, s_tl, s_td,
     noise_ptr, s_nb, s_nl,
     keep_ptr, mask_ptr, edge_ptr, cand_ptr, red_ptr,
     fws_ptr, iws_ptr,
-    B, H, W, gw, M, K, k,
-    sim_threshold, token_weight, edge_weight, z_scale, log2_a, log2_b,
-    # Loop bounds are compile-time constants (one compile per shape; training
-    # shapes are fixed), which also lets the interpreter run the loops.
-    ITERS: tl.constexpr, C: tl.constexpr, L: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
-    P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, BJ_A: tl.constexpr,
-    RB: tl.constexpr, BK: tl.constexpr, NUM_KB: tl.constexpr, BJ: tl.constexpr,
-    E: tl.constexpr, DB: tl.constexpr,
+    B, M, K, k,
+    sim_threshold, token_weight, edge_weight, z_scale, log2_a, log2_b, inv_k, inv_l,
+    ITERS: tl.constexpr, C: tl.constexpr, P: tl.constexpr, GH: tl.constexpr, GW: tl.constexpr,
+    D: tl.constexpr, T: tl.constexpr, NSEG: tl.constexpr, NSTRIP: tl.constexpr, BLOCK_L: tl.constexpr,
+    BK: tl.constexpr, BJ: tl.constexpr, NJ: tl.constexpr, S_REG: tl.constexpr, E: tl.constexpr, DB: tl.constexpr,
     USE_PIX: tl.constexpr, USE_TOK: tl.constexpr, TOK_LOWP: tl.constexpr,
     USE_EDGE: tl.constexpr, USE_OT: tl.constexpr, HAS_CAND: tl.constexpr,
+    FIRST: tl.constexpr, LAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    INF: tl.constexpr = float("inf")
-    KPAD: tl.constexpr = NUM_KB * BK
-
-    # Per-program scratch: fp32 [e | shifted mean | centered norm | key | f (KPAD) | S (KPAD x BLOCK_L)],
-    # int32 [rank | c].
-    fws = fws_ptr + pid.to(tl.int64) * (4 * BLOCK_L + KPAD + KPAD * BLOCK_L)
-    ws_e = fws
-    ws_mu = fws + BLOCK_L
-    ws_nrm = fws + 2 * BLOCK_L
-    ws_key = fws + 3 * BLOCK_L
-    ws_f = fws + 4 * BLOCK_L
-    ws_s = fws + 4 * BLOCK_L + KPAD
-    iws = iws_ptr + pid.to(tl.int64) * (2 * BLOCK_L)
-    ws_rank = iws
-    ws_c = iws + BLOCK_L
-
+    L: tl.constexpr = GH * GW
+    W: tl.constexpr = GW * P
+    LP: tl.constexpr = NJ * BJ
+    # Per-program scratch: fp32 [col_g | col_t | col_q | col_s (GH x W each) | e | c | ι | ι^t (BLOCK_L each)
+    # | S (BK x LP) | B or g (LP, when Sinkhorn streams S)], int32 [order (BLOCK_L)].
+    FWS: tl.constexpr = 4 * GH * W + 4 * BLOCK_L + BK * LP + (0 if S_REG else LP)
+    fws = fws_ptr + pid.to(tl.int64) * FWS
+    col_g = fws
+    col_t = fws + GH * W
+    col_q = fws + 2 * GH * W
+    col_s = fws + 3 * GH * W
+    ws_e = fws + 4 * GH * W
+    ws_cen = ws_e + BLOCK_L
+    ws_inv = ws_cen + BLOCK_L
+    ws_tinv = ws_inv + BLOCK_L
+    ws_s = ws_tinv + BLOCK_L
+    ws_v = ws_s + BK * LP
+    ws_order = iws_ptr + pid.to(tl.int64) * BLOCK_L
     lanes = tl.arange(0, BLOCK_L)
     lane_ok = lanes < L
-    inv_c = 1.0 / C
 
-    # A grid-stride loop written with a fixed trip count, so that every
-    # program runs the same loop (and the interpreter can run it too).
+    # A grid-stride loop with a fixed trip count, the same in every program.
     for it in range(ITERS):
         b = pid + it * nprog
         if b < B:
             b64 = b.to(tl.int64)
             img_b = img_ptr + b64 * s_ib
+            tok_b = tok_ptr + b64 * s_tb
+            cand_b = cand_ptr + b64 * k
 
-            # ---- 1. edge energy, patch means and centered norms (pass 1 over pixels)
-            lo = tl.full((), INF, tl.float32)
-            hi = tl.full((), -INF, tl.float32)
-            nan_e = tl.zeros((), tl.int32)
-            px = tl.arange(0, BLOCK_P)
-            for jb in range(0, L, BJ_A):
-                j = jb + tl.arange(0, BJ_A)
-                jok = j < L
-                ok = jok[:, None] & (px < P)[None, :]
-                y0 = (j // gw) * P
-                xc = ((j % gw) * P)[:, None] + px[None, :]
-                xl = tl.maximum(xc - 1, 0)
-                xr = tl.minimum(xc + 1, W - 1)
-                # Statistics of x - x[first pixel]: exact zeros for a constant patch
-                # (zero similarity, as SPEC says), and no cancellation for flat ones.
-                shift = tl.load(img_b + y0 * s_ih + ((j % gw) * P) * s_iw, mask=jok, other=0.0).to(tl.float32)
-                ul, uc, ur, _m, _v = _sobel_row(img_b, s_ic, s_ih, s_iw, C, inv_c,
-                                                tl.maximum(y0 - 1, 0)[:, None], xl, xc, xr, ok, shift, P)
-                ml, mc, mr, mean, m2 = _sobel_row(img_b, s_ic, s_ih, s_iw, C, inv_c,
-                                                  y0[:, None], xl, xc, xr, ok, shift, P)
-                gsum = tl.zeros((BJ_A,), tl.float32)
-                for r in range(P - 1):
-                    dl, dc, dr, rm, rv = _sobel_row(img_b, s_ic, s_ih, s_iw, C, inv_c,
-                                                    (y0 + r + 1)[:, None], xl, xc, xr, ok, shift, P)
-                    g = _sobel_mag(ul, uc, ur, ml, mr, dl, dc, dr)
-                    gsum += tl.sum(tl.where(ok, g, 0.0), axis=1)
-                    # Chan's update over rows: (r + 1) rows so far, one more of C·P values.
-                    w = 1.0 / (r + 2.0)
-                    delta = rm - mean
-                    mean += delta * w
-                    m2 += rv + delta * delta * ((r + 1.0) * C * P * w)
-                    ul, uc, ur = ml, mc, mr
-                    ml, mc, mr = dl, dc, dr
-                dl, dc, dr, _m, _v = _sobel_row(img_b, s_ic, s_ih, s_iw, C, inv_c,
-                                                tl.minimum(y0 + P, H - 1)[:, None], xl, xc, xr, ok, shift, P)
-                g = _sobel_mag(ul, uc, ur, ml, mr, dl, dc, dr)
-                gsum += tl.sum(tl.where(ok, g, 0.0), axis=1)
-                e = gsum / (P * P)
-                lo = tl.minimum(lo, tl.min(tl.where(jok, e, INF), axis=0))
-                hi = tl.maximum(hi, tl.max(tl.where(jok, e, -INF), axis=0))
-                nan_e += tl.sum((jok & (e != e)).to(tl.int32), axis=0)
-                tl.store(ws_e + j, e, mask=jok)
-                tl.store(ws_mu + j, mean, mask=jok)
-                tl.store(ws_nrm + j, tl.sqrt(m2), mask=jok)
-            tl.debug_barrier()
-
-            e = tl.load(ws_e + lanes, mask=lane_ok, other=0.0)
-            edge = (e - lo) / (hi - lo + 1e-6)
-            # min/max of a NaN is NaN in the reference: every ê becomes NaN.
-            edge = tl.where(nan_e > 0, float("nan"), edge)
-            tl.store(edge_ptr + b64 * L + lanes, edge, mask=lane_ok)
-            key = tl.load(noise_ptr + b64 * s_nb + lanes * s_nl, mask=lane_ok, other=0.0).to(tl.float32)
-            if USE_EDGE:
-                key = key + edge_weight * edge
-            key = tl.where(key != key, INF, key)
-            key = tl.where(key == 0.0, 0.0, key)  # -0 ties with +0, as in a stable sort
-            key = tl.where(lane_ok, key, INF)
-            tl.store(ws_key + lanes, key, mask=lane_ok)
-            tl.debug_barrier()
-
-            # ---- 2. rank in (key, j) order; candidates go to their rank slot
-            for jb in range(0, L, RB):
-                jr = jb + tl.arange(0, RB)
-                jrok = jr < L
-                kj = tl.load(ws_key + jr, mask=jrok, other=INF)
-                before = (key[None, :] < kj[:, None]) | ((key[None, :] == kj[:, None]) & (lanes[None, :] < jr[:, None]))
-                rank = tl.sum((before & lane_ok[None, :]).to(tl.int32), axis=1)
-                tl.store(ws_rank + jr, rank, mask=jrok)
-                tl.store(cand_ptr + b64 * k + rank, jr.to(tl.int64), mask=jrok & (rank < k))
-            tl.debug_barrier()
-
-            # ---- 3./4. similarity to the candidates and redundancy
-            if HAS_CAND:
-                for kb in range(NUM_KB):
-                    ci_lane = kb * BK + tl.arange(0, BK)
-                    vi = ci_lane < k
-                    ci = tl.load(cand_ptr + b64 * k + ci_lane, mask=vi, other=0).to(tl.int32)
-                    cy0 = (ci // gw) * P
-                    cx0 = (ci % gw) * P
-                    if USE_PIX:
-                        mu_i = tl.load(ws_mu + ci, mask=vi, other=0.0)
-                        sh_i = tl.load(img_b + cy0 * s_ih + cx0 * s_iw, mask=vi, other=0.0).to(tl.float32)
-                        nr_i = tl.load(ws_nrm + ci, mask=vi, other=0.0)
-                    for jb in range(0, L, BJ):
-                        j = jb + tl.arange(0, BJ)
-                        vj = j < L
-                        s = tl.zeros((BK, BJ), tl.float32)
-                        if USE_PIX:
-                            mu_j = tl.load(ws_mu + j, mask=vj, other=0.0)
-                            nr_j = tl.load(ws_nrm + j, mask=vj, other=0.0)
-                            py0 = (j // gw) * P
-                            px0 = (j % gw) * P
-                            sh_j = tl.load(img_b + py0 * s_ih + px0 * s_iw, mask=vj, other=0.0).to(tl.float32)
-                            acc = tl.zeros((BK, BJ), tl.float32)
-                            for c in range(C):
-                                for e0 in range(0, P * P, E):
-                                    el = e0 + tl.arange(0, E)
-                                    eok = el < P * P
-                                    ey = el // P
-                                    ex = el % P
-                                    am = vi[:, None] & eok[None, :]
-                                    a = tl.load(img_b + c * s_ic + (cy0[:, None] + ey[None, :]) * s_ih
-                                                + (cx0[:, None] + ex[None, :]) * s_iw, mask=am, other=0.0)
-                                    a = tl.where(am, (a.to(tl.float32) - sh_i[:, None]) - mu_i[:, None], 0.0)
-                                    bm = eok[:, None] & vj[None, :]
-                                    bt = tl.load(img_b + c * s_ic + (py0[None, :] + ey[:, None]) * s_ih
-                                                 + (px0[None, :] + ex[:, None]) * s_iw, mask=bm, other=0.0)
-                                    bt = tl.where(bm, (bt.to(tl.float32) - sh_j[None, :]) - mu_j[None, :], 0.0)
-                                    acc = tl.dot(a, bt, acc, input_precision="ieee")
-                            s = acc / ((nr_i + 1e-6)[:, None] * (nr_j + 1e-6)[None, :])
-                            if USE_TOK:
-                                s = s * (1.0 - token_weight)
-                        if USE_TOK:
-                            tok_b = tok_ptr + b64 * s_tb
-                            acc_t = tl.zeros((BK, BJ), tl.float32)
-                            nt_i = tl.zeros((BK,), tl.float32)
-                            nt_j = tl.zeros((BJ,), tl.float32)
-                            for d0 in range(0, D, DB):
-                                d = d0 + tl.arange(0, DB)
-                                dok = d < D
-                                ta = tl.load(tok_b + ci[:, None] * s_tl + d[None, :] * s_td,
-                                             mask=vi[:, None] & dok[None, :], other=0.0)
-                                tb = tl.load(tok_b + j[None, :] * s_tl + d[:, None] * s_td,
-                                             mask=dok[:, None] & vj[None, :], other=0.0)
-                                if TOK_LOWP:
-                                    acc_t = tl.dot(ta, tb, acc_t)
-                                    ta = ta.to(tl.float32)
-                                    tb = tb.to(tl.float32)
-                                else:
-                                    ta = ta.to(tl.float32)
-                                    tb = tb.to(tl.float32)
-                                    acc_t = tl.dot(ta, tb, acc_t, input_precision="ieee")
-                                nt_i += tl.sum(ta * ta, axis=1)
-                                nt_j += tl.sum(tb * tb, axis=0)
-                            st = acc_t / ((tl.sqrt(nt_i) + 1e-6)[:, None] * (tl.sqrt(nt_j) + 1e-6)[None, :])
-                            if USE_PIX:
-                                s = s + token_weight * st
-                            else:
-                                s = st
-                        tl.store(ws_s + ci_lane[:, None] * BLOCK_L + j[None, :], s,
-                                 mask=vi[:, None] & vj[None, :])
+            if FIRST:
+                _edge_pass(img_b, s_ic, s_ih, s_iw, col_g, col_t, col_q, col_s, C, P, GH, W, NSEG, NSTRIP)
+                tl.debug_barrier()
+                _patch_stats(col_g, col_t, col_q, col_s, ws_e, ws_cen, ws_inv, C, P, GW, L, BLOCK_L)
+                tl.debug_barrier()
+                e = tl.load(ws_e + lanes, mask=lane_ok, other=0.0)
+                key = _edge_keys(e, noise_ptr + b64 * s_nb, s_nl, edge_ptr + b64 * L, edge_weight,
+                                 L, BLOCK_L, USE_EDGE)
+                _order(key, ws_order, cand_b, k, BLOCK_L)
                 tl.debug_barrier()
 
+            red_b = red_ptr + b64 * L
+            if HAS_CAND:
                 rows = tl.arange(0, BK)
-                if NUM_KB == 1:
-                    # S fits one register tile: it stays there for all T steps.
-                    vi = rows < k
-                    sm = vi[:, None] & lane_ok[None, :]
-                    S = tl.load(ws_s + rows[:, None] * BLOCK_L + lanes[None, :], mask=sm, other=0.0)
-                    if USE_OT:
-                        z = S * z_scale
-                        g = tl.where(lane_ok, 0.0, -INF)
-                        f = tl.zeros((BK,), tl.float32)
-                        for _t in range(T):
-                            f = tl.where(vi, log2_a - _lse2(z + g[None, :], 1), -INF)
-                            g = tl.where(lane_ok, log2_b - _lse2(z + f[:, None], 0), -INF)
-                        plan = tl.exp2(z + f[:, None] + g[None, :])
-                        red = L * tl.sum(plan * S, axis=0)
-                    else:
-                        red = tl.max(tl.where(sm, S, -INF), axis=0)
-                        nan_s = tl.sum(((S != S) & sm).to(tl.int32), axis=0)
-                        red = tl.where(nan_s > 0, float("nan"), red)
-                else:
-                    if USE_OT:
-                        g = tl.where(lane_ok, 0.0, -INF)
-                        for _t in range(T):
-                            cm = tl.full((BLOCK_L,), -INF, tl.float32)
-                            cs = tl.zeros((BLOCK_L,), tl.float32)
-                            for kb in range(NUM_KB):
-                                ri = kb * BK + rows
-                                vi = ri < k
-                                S = tl.load(ws_s + ri[:, None] * BLOCK_L + lanes[None, :],
-                                            mask=vi[:, None] & lane_ok[None, :], other=0.0)
-                                z = S * z_scale
-                                f = tl.where(vi, log2_a - _lse2(z + g[None, :], 1), -INF)
-                                tl.store(ws_f + ri, f)
-                                # Online log-sum-exp over candidate blocks for g.
-                                x = z + f[:, None]
-                                nm = tl.maximum(cm, tl.max(x, axis=0))
-                                nm = tl.where(nm == -INF, 0.0, nm)
-                                cs = cs * tl.exp2(cm - nm) + tl.sum(tl.exp2(x - nm[None, :]), axis=0)
-                                cm = nm
-                            g = tl.where(lane_ok, log2_b - (cm + tl.log2(cs)), -INF)
+                vi = rows < k
+                ci = tl.load(cand_b + rows, mask=vi, other=0).to(tl.int32)
+                if FIRST and not LAST:
+                    # The first of two launches: the pixel term, for the second to add.
+                    for nj in range(NJ):
+                        j = nj * BJ + tl.arange(0, BJ)
+                        S = _similarity_block(img_b, s_ic, s_ih, s_iw, tok_b, s_tl, s_td, ws_cen, ws_inv, ws_tinv,
+                                              ws_s, ci, vi, j, j < L, token_weight, True, False, True,
+                                              C, P, GW, E, D, DB, BK, BJ, TOK_LOWP)
+                        tl.store(ws_s + rows[:, None] * LP + j[None, :], S)
+                if LAST:
+                    if USE_TOK:
+                        _token_norms(tok_b, s_tl, s_td, ws_tinv, L, D, BLOCK_L, DB)
                         tl.debug_barrier()
-                        red = tl.zeros((BLOCK_L,), tl.float32)
-                        for kb in range(NUM_KB):
-                            ri = kb * BK + rows
-                            vi = ri < k
-                            S = tl.load(ws_s + ri[:, None] * BLOCK_L + lanes[None, :],
-                                        mask=vi[:, None] & lane_ok[None, :], other=0.0)
-                            f = tl.load(ws_f + ri)
-                            plan = tl.exp2(S * z_scale + f[:, None] + g[None, :])
-                            red += tl.sum(plan * S, axis=0)
-                        red = red * L
-                    else:
-                        red = tl.full((BLOCK_L,), -INF, tl.float32)
-                        nan_s = tl.zeros((BLOCK_L,), tl.int32)
-                        for kb in range(NUM_KB):
-                            ri = kb * BK + rows
-                            sm = (ri < k)[:, None] & lane_ok[None, :]
-                            S = tl.load(ws_s + ri[:, None] * BLOCK_L + lanes[None, :], mask=sm, other=0.0)
-                            red = tl.maximum(red, tl.max(tl.where(sm, S, -INF), axis=0))
-                            nan_s += tl.sum(((S != S) & sm).to(tl.int32), axis=0)
-                        red = tl.where(nan_s > 0, float("nan"), red)
-            else:
-                red = tl.full((BLOCK_L,), -INF, tl.float32)
-            tl.store(red_ptr + b64 * L + lanes, red, mask=lane_ok)
-
-            # ---- 5. drop the first M in (tier, key, j) order; keep_idx ascending
-            rank = tl.load(ws_rank + lanes, mask=lane_ok, other=0)
-            tier = tl.where(rank < k, 0, tl.where(red > sim_threshold, 1, 2))
-            cval = tier * L + rank  # distinct over the patches: a strict total order
-            tl.store(ws_c + lanes, cval, mask=lane_ok)
-            tl.debug_barrier()
-            for jb in range(0, L, RB):
-                jr = jb + tl.arange(0, RB)
-                jrok = jr < L
-                cj = tl.load(ws_c + jr, mask=jrok, other=0)
-                pos = tl.sum(((cval[None, :] < cj[:, None]) & lane_ok[None, :]).to(tl.int32), axis=1)
-                tl.store(mask_ptr + b64 * L + jr, pos < M, mask=jrok)
-            tl.debug_barrier()
-            dropped = tl.load(mask_ptr + b64 * L + lanes, mask=lane_ok, other=1).to(tl.int32)
-            kept = tl.where(lane_ok, 1 - dropped, 0)
-            slot = tl.cumsum(kept, axis=0) - kept
-            tl.store(keep_ptr + b64 * K + slot, lanes.to(tl.int64), mask=kept > 0)
+                    S = tl.zeros((BK, BJ), tl.float32)
+                    for nj in range(NJ):
+                        j = nj * BJ + tl.arange(0, BJ)
+                        tile = ws_s + rows[:, None] * LP + j[None, :]
+                        # Both terms when this launch is the only one; else
+                        # the token term plus the first launch's pixel term.
+                        S = _similarity_block(img_b, s_ic, s_ih, s_iw, tok_b, s_tl, s_td, ws_cen, ws_inv, ws_tinv,
+                                              tile, ci, vi, j, j < L, token_weight,
+                                              USE_PIX and FIRST, USE_TOK, USE_PIX and USE_TOK,
+                                              C, P, GW, E, D, DB, BK, BJ, TOK_LOWP)
+                        if not USE_OT:
+                            tl.store(red_b + j, _max_redundancy(S, vi, j < L), mask=j < L)
+                        elif NJ > 1 or not S_REG:
+                            tl.store(tile, S)
+                    if USE_OT:
+                        if S_REG:
+                            # All of S in one register tile (read back when it came in blocks).
+                            lp = tl.arange(0, LP)
+                            vj = lp < L
+                            if NJ > 1:
+                                tl.debug_barrier()
+                                S = tl.load(ws_s + rows[:, None] * LP + lp[None, :])
+                            red, bad = _sinkhorn_scaling(S, vi, vj, inv_k, inv_l, z_scale, ws_s, L, T, BK, LP)
+                            if bad > 0:
+                                S = tl.load(ws_s + rows[:, None] * LP + lp[None, :])
+                                red = _sinkhorn_log(S, vi, vj, z_scale, log2_a, log2_b, L, T)
+                            tl.store(red_b + lp, red, mask=vj)
+                        else:
+                            tl.debug_barrier()
+                            bad = _sinkhorn_stream(ws_s, ws_v, red_b, k, inv_k, inv_l, z_scale, L, T, BK, BJ, NJ)
+                            if bad > 0:
+                                _sinkhorn_stream_log(ws_s, ws_v, red_b, k, z_scale, log2_a, log2_b, L, T, BK, BJ,
+                                                     NJ)
+            elif LAST:
+                tl.store(red_b + lanes, tl.full((BLOCK_L,), -float("inf"), tl.float32), mask=lane_ok)
+            if LAST:
+                tl.debug_barrier()
+                _select(ws_order, red_ptr + b64 * L, mask_ptr + b64 * L, keep_ptr + b64 * K, k, M, sim_threshold,
+                        L, BLOCK_L)
             # The next image reuses this program's scratch.
             tl.debug_barrier()
 
@@ -387,47 +725,47 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _launch_config(B, C, L, P, D, k, alpha, tok_lowp, edge_weight, use_ot, ot_iters):
-    """Grid size, fp32 scratch columns per program and the kernel's
-    compile-time arguments for one call (also used by the compile test)."""
+def _launch_config(B, C, H, W, P, D, k, alpha, tok_lowp, edge_weight, use_ot, ot_iters):
+    """Grid size, fp32 scratch per program and the kernel's compile-time
+    arguments for one call (also what ``bench.kernel_report`` compiles)."""
+    GH, GW = H // P, W // P
+    L = GH * GW
     BLOCK_L = max(16, _pow2(L))
-    BLOCK_P = _pow2(P)
-    BJ_A = min(BLOCK_L, max(1, 1024 // BLOCK_P))
-    RB = max(1, min(BLOCK_L, 4096 // BLOCK_L))
+    # Pass 1: one segment of _SEG columns a warp, strips of at most 8 segments.
+    nseg = min(8, _pow2(triton.cdiv(W, _SEG.value)))
     has_cand = k > 0
-    kp = max(16, _pow2(k))
-    BK = min(kp, max(16, _S_TILE // BLOCK_L))  # one register tile of S when k is small
-    NUM_KB = triton.cdiv(k, BK) if has_cand else 0
-    kpad = NUM_KB * BK
-    # Similarity tiles: (BK x E) @ (E x BJ) and (BK x DB) @ (DB x BJ). Small
-    # K-chunks keep the fp32 FMA dot and the pipelined loads near 128
-    # registers a thread (ptxas for sm_90, no spills at L = 196 with 8 warps
-    # and L = 1024 with 16), i.e. 16 resident warps an SM.
-    BJ = min(BLOCK_L, 32)
-    E = 16
-    DB = min(32, max(16, _pow2(D)))
-    fws_cols = 4 * BLOCK_L + kpad + kpad * BLOCK_L
-    per_prog = 4 * fws_cols + 4 * 2 * BLOCK_L
+    BK = max(16, _pow2(k))
+    # Similarity tiles of BK x BJ: _SIM_TILE elements (16 a thread), half that
+    # when P is not a power of two (scalar loads, an address each).
+    pow2_p = P & (P - 1) == 0
+    BJ = max(16, min(BLOCK_L, (_SIM_TILE if pow2_p else _SIM_TILE // 2) // BK))
+    NJ = triton.cdiv(L, BJ)
+    LP = NJ * BJ
+    s_reg = BK * LP <= _S_TILE
+    fws_cols = 4 * GH * W + 4 * BLOCK_L + BK * LP + (0 if s_reg else LP)
+    per_prog = 4 * fws_cols + 4 * BLOCK_L
     nprog = max(1, min(B, _SCRATCH_BUDGET // per_prog))
     meta = dict(
-        ITERS=triton.cdiv(B, nprog), C=C, L=L, D=D, T=int(ot_iters),
-        P=P, BLOCK_P=BLOCK_P, BLOCK_L=BLOCK_L, BJ_A=BJ_A, RB=RB, BK=BK, NUM_KB=NUM_KB, BJ=BJ,
-        E=E, DB=DB, USE_PIX=alpha < 1, USE_TOK=alpha > 0, TOK_LOWP=bool(tok_lowp),
+        ITERS=triton.cdiv(B, nprog), C=C, P=P, GH=GH, GW=GW, D=D, T=int(ot_iters),
+        NSEG=nseg, NSTRIP=triton.cdiv(W, nseg * _SEG.value), BLOCK_L=BLOCK_L,
+        BK=BK, BJ=BJ, NJ=NJ, S_REG=s_reg, E=16, DB=16,
+        USE_PIX=alpha < 1, USE_TOK=alpha > 0, TOK_LOWP=bool(tok_lowp),
         USE_EDGE=float(edge_weight) != 0.0, USE_OT=bool(use_ot), HAS_CAND=has_cand,
-        num_warps=8 if BLOCK_L <= 256 else 16,
+        num_warps=8, num_stages=2, maxnreg=128,
     )
     return nprog, fws_cols, meta
 
 
-def pgs_select_triton(images, tokens, noise, patch_size, num_keep, num_candidates, sim_threshold,
-                      token_weight, edge_weight, use_ot, ot_reg, ot_iters):
-    """The ``pgs_kernels::pgs_select`` kernel for CUDA tensors (and CPU tensors
-    under ``TRITON_INTERPRET=1``): same arguments and outputs as
-    ``python_ref.pgs.pgs_select_core``. One launch, no host sync."""
+def _launch_plan(images, tokens, noise, patch_size, num_keep, num_candidates, sim_threshold,
+                 token_weight, edge_weight, use_ot, ot_reg, ot_iters, compiled):
+    """The outputs (allocated, not yet written) and the launches that fill
+    them, each ``(kernel, grid, args, meta)``, for one call. ``compiled``: the
+    kernel is compiled for a GPU (not interpreted), which decides how low
+    precision tokens are multiplied. ``bench.kernel_report`` compiles exactly
+    these launches."""
     B, C, H, W = images.shape
     P = int(patch_size)
-    gw = W // P
-    L = (H // P) * gw
+    L = (H // P) * (W // P)
     if L > MAX_PATCHES:
         raise ValueError(
             f"images: the Triton kernel supports at most {MAX_PATCHES} patches, got "
@@ -442,8 +780,9 @@ def pgs_select_triton(images, tokens, noise, patch_size, num_keep, num_candidate
     edge = torch.empty((B, L), dtype=torch.float32, device=dev)
     cand = torch.empty((B, k), dtype=torch.int64, device=dev)
     red = torch.empty((B, L), dtype=torch.float32, device=dev)
+    outputs = (keep_idx, mask, edge, cand, red)
     if B == 0:
-        return keep_idx, mask, edge, cand, red
+        return outputs, []
 
     alpha = float(token_weight)
     use_tok = alpha > 0
@@ -456,30 +795,50 @@ def pgs_select_triton(images, tokens, noise, patch_size, num_keep, num_candidate
         # Tensor cores take bf16/fp16 as they are. The interpreter keeps bf16 as
         # raw uint16 bits and its dot would multiply those: bf16 gets the fp32
         # path there.
-        tok_lowp = tokens.dtype == torch.float16 or (tokens.dtype == torch.bfloat16 and tokens.is_cuda)
+        tok_lowp = tokens.dtype == torch.float16 or (tokens.dtype == torch.bfloat16 and compiled)
     else:
         D, st, tok_lowp = 1, (0, 0, 0), False
 
-    nprog, fws_cols, meta = _launch_config(B, C, L, P, D, k, alpha, tok_lowp, edge_weight, use_ot, ot_iters)
+    nprog, fws_cols, meta = _launch_config(B, C, H, W, P, D, k, alpha, tok_lowp, edge_weight, use_ot, ot_iters)
     BLOCK_L = meta["BLOCK_L"]
     fws = torch.empty((nprog, fws_cols), dtype=torch.float32, device=dev)
-    iws = torch.empty((nprog, 2 * BLOCK_L), dtype=torch.int32, device=dev)
+    iws = torch.empty((nprog, BLOCK_L), dtype=torch.int32, device=dev)
 
     si = images.stride()
     sn = noise.stride()
-    log2_a = -math.log2(k) if k > 0 else 0.0
     args = (
         images, si[0], si[1], si[2], si[3],
         tok, st[0], st[1], st[2],
         noise, sn[0], sn[1],
         keep_idx, mask, edge, cand, red,
         fws, iws,
-        B, H, W, gw, M, K, k,
-        float(sim_threshold), alpha, float(edge_weight), _LOG2E / float(ot_reg), log2_a, -math.log2(L),
+        B, M, K, k,
+        float(sim_threshold), alpha, float(edge_weight), _LOG2E / float(ot_reg),
+        -math.log2(k) if k > 0 else 0.0, -math.log2(L), 1.0 / k if k > 0 else 0.0, 1.0 / L,
     )
-    if images.is_cuda:
-        with torch.cuda.device(dev):
-            _pgs_kernel[(nprog,)](*args, **meta)
-    else:
-        _pgs_kernel[(nprog,)](*args, **meta)
-    return keep_idx, mask, edge, cand, red
+    if meta["USE_TOK"] and meta["USE_PIX"] and meta["HAS_CAND"] and meta["ITERS"] == 1:
+        # Pixel and token tiles in separate launches: each fits two blocks an
+        # SM without spilling, which one kernel holding both does not. The
+        # second launch finds the first's per-program scratch, so this needs a
+        # program per image.
+        return outputs, [(_pgs_kernel, (nprog,), args, dict(meta, FIRST=True, LAST=False)),
+                         (_pgs_kernel, (nprog,), args, dict(meta, FIRST=False, LAST=True))]
+    return outputs, [(_pgs_kernel, (nprog,), args, dict(meta, FIRST=True, LAST=True))]
+
+
+def pgs_select_triton(images, tokens, noise, patch_size, num_keep, num_candidates, sim_threshold,
+                      token_weight, edge_weight, use_ot, ot_reg, ot_iters):
+    """The ``pgs_kernels::pgs_select`` kernel for CUDA tensors (and CPU tensors
+    under ``TRITON_INTERPRET=1``): same arguments and outputs as
+    ``python_ref.pgs.pgs_select_core``. One or two launches (module
+    docstring), no host sync."""
+    outputs, launches = _launch_plan(images, tokens, noise, patch_size, num_keep, num_candidates,
+                                     sim_threshold, token_weight, edge_weight, use_ot, ot_reg, ot_iters,
+                                     compiled=images.is_cuda)
+    for kernel, grid, args, meta in launches:
+        if images.is_cuda:
+            with torch.cuda.device(images.device):
+                kernel[grid](*args, **meta)
+        else:
+            kernel[grid](*args, **meta)
+    return outputs
