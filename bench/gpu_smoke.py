@@ -9,13 +9,14 @@ is done (a run cut short still leaves what it measured):
   registers, spills and shared memory of the kernels as loaded;
 * ``agreement``: against the fp64 reference (``python_ref``) on five photos
   (scikit-image samples, as ``tests/conftest.py`` loads them) and on random
-  inputs with structure; edge and redundancy within 1e-4, candidates and
-  selections equal on the rows decided by more than that (``stable_rows``);
+  inputs with structure, by the tests' rule (``python_ref.compare``): edge
+  and redundancy within 1e-4, candidates and selections equal on the rows
+  decided by more than that;
 * ``determinism``: two calls on the same inputs give the same bits;
 * ``invariants``: NaN and Inf in images, tokens and noise still give valid
   selections;
-* ``layouts``: contiguous, channels-last and sliced inputs agree within 1e-4
-  (selections equal on stable rows);
+* ``layouts``: channels-last and sliced inputs agree with contiguous ones
+  within 1e-4 (selections equal on decided rows);
 * ``timing``: median time (``triton.testing.do_bench``) at batch 32 and 256,
   224/16, fp32 images, bf16 tokens of width 768, ``token_weight = 0.5``,
   against the bandwidth floor measured in the same run (a device-to-device
@@ -29,35 +30,15 @@ Exits 1 when any check fails; without CUDA it says so and exits 2.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from bench.common import argument_parser, environment, pick_device, result_path, write_result
 
 TOL = 1e-4
-
-
-def _device_tag(torch) -> str:
-    name = torch.cuda.get_device_name(0).lower()
-    for tag in ("h200", "h100", "a100", "l40s", "a10g", "l4"):
-        if tag in name:
-            return tag
-    return name.replace(" ", "-")
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 class Report:
@@ -71,8 +52,7 @@ class Report:
         self.doc["sections"][name] = data
         self.doc["failures"] += [f"{name}: {f}" for f in failures]
         self.doc["ok"] = not self.doc["failures"]
-        with open(self.path, "w") as f:
-            json.dump(self.doc, f, indent=1)
+        write_result(self.path, self.doc, quiet=True)
         status = "ok" if not failures else "FAILED: " + "; ".join(failures)
         print(f"[{time.strftime('%H:%M:%S')}] {name}: {status}", flush=True)
 
@@ -90,69 +70,43 @@ def _inputs(torch, seed, B, H, W, P, D=768, tok_dtype=None, device="cuda"):
     return images.to(device), tokens.to(device), noise.to(device)
 
 
-def _compare(torch, got, ref, noise, kw, K):
-    """The comparison rule of tests/test_triton.py, on CPU copies; returns
+def _compare(torch, got, ref, noise, kw, K, energy=None):
+    """The tests' comparison rule (python_ref.compare) on CPU copies; returns
     failure strings and the measured differences."""
-    from conftest import stable_rows
+    from python_ref.compare import compare_with_reference
 
     got = type(got)(*(None if t is None else t.cpu() for t in got))
     ref = type(ref)(*(None if t is None else t.cpu() for t in ref))
-    out = []
-    e = (got.edge.double() - ref.edge.double()).abs().nan_to_num(0).max().item()
-    if e > TOL:
-        out.append(f"edge differs by {e:.2e}")
-    st = stable_rows(ref, noise.cpu(), kw.get("edge_weight", 1.0), K, kw.get("sim_threshold", 0.5), tol=TOL)
-    if not torch.equal(got.candidates[st], ref.candidates[st]):
-        out.append("candidates differ on stable rows")
-    if not torch.equal(got.keep_idx[st], ref.keep_idx[st]):
-        out.append("keep_idx differs on stable rows")
-    same = (got.candidates == ref.candidates).all(dim=1)
-    r = (got.redundancy.double()[same] - ref.redundancy.double()[same]).abs().nan_to_num(0)
-    rmax = r.max().item() if r.numel() else 0.0
-    if rmax > TOL:
-        out.append(f"redundancy differs by {rmax:.2e}")
-    return out, dict(edge_err=e, redundancy_err=rmax, stable_rows=int(st.sum()), rows=int(st.numel()))
+    res = compare_with_reference(got, ref, noise.cpu(), edge_weight=kw.get("edge_weight", 1.0), num_keep=K,
+                                 sim_threshold=kw.get("sim_threshold", 0.5), tol=TOL, energy=energy)
+    return res.problems, dict(edge_err=res.edge_err, redundancy_err=res.redundancy_err,
+                              decided_rows=int(res.decided.sum()), rows=int(res.decided.numel()))
 
 
-def _valid(torch, sel, B, L, K):
-    keep, mask = sel.keep_idx.cpu(), sel.mask.cpu()
-    if tuple(keep.shape) != (B, K) or ((keep < 0) | (keep >= L)).any():
-        return False
-    if K > 1 and not (keep[:, 1:] > keep[:, :-1]).all():
-        return False
-    expect = torch.ones(B, L, dtype=torch.bool)
-    expect.scatter_(1, keep, False)
-    return bool(torch.equal(mask, expect))
+def _valid(sel, B, L, K):
+    from python_ref.compare import selection_errors
+
+    return not selection_errors(sel, B, L, K)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"), help="output folder (%(default)s)")
+    ap = argument_parser(__doc__)
+    ap.add_argument("--out", default=os.path.dirname(result_path("x")),
+                    help="output folder (default: bench/results/; gpu-smoke-<device>.json is overwritten)")
     args = ap.parse_args(argv)
 
     import torch
 
-    if not torch.cuda.is_available():
-        print("gpu_smoke needs a CUDA device (torch.cuda.is_available() is False); nothing was run.",
-              file=sys.stderr)
-        return 2
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    device = pick_device("cuda")  # "needs a CUDA device" and exit 2 without one
     import triton
     import triton.testing
 
     import pgs_kernels
     import python_ref
-    from bench.kernel_report import _pgs_counts
-    from pgs_kernels import triton_pgs
+    from pgs_kernels import pgs_counts, samples, triton_pgs
 
-    pgs_counts = _pgs_counts()
-
-    os.makedirs(args.out, exist_ok=True)
-    dev = _device_tag(torch)
-    rep = Report(os.path.join(args.out, f"gpu-smoke-{dev}.json"), dict(
-        device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__,
-        commit=_commit()))
+    env = environment(device, "gpu_smoke")
+    rep = Report(os.path.join(args.out, f"gpu-smoke-{env['device']}.json"), env)
     t_start = time.time()
     kw_vit = dict(patch_size=16, token_weight=0.5)
 
@@ -177,9 +131,7 @@ def main(argv=None) -> int:
     # ---- agreement with the fp64 reference
     fails, data = [], {}
     try:
-        from conftest import load_photo
-
-        photos = torch.stack([load_photo(n) for n in ("astronaut", "coffee", "chelsea", "rocket", "camera")])
+        photos = torch.stack([samples.standardize(samples.photo(n)) for n in samples.PHOTO_NAMES[:5]])
         cases = [("photos", photos.cuda(), None, torch.rand(5, 196, generator=torch.Generator().manual_seed(1)).cuda(),
                   dict(patch_size=16))]
         for seed, (B, H, W, P, kw) in enumerate([(32, 224, 224, 16, dict(token_weight=0.5)),
@@ -195,7 +147,8 @@ def main(argv=None) -> int:
                                         noise=nz, return_scores=True, **kw)
             L = nz.shape[1]
             Kc, _, _ = pgs_counts(L, kw.get("mask_ratio", 0.5), kw.get("candidate_ratio", 0.05))
-            f, d = _compare(torch, got, ref, nz, kw, Kc)
+            energy = python_ref.patch_sobel_energy(im.double().cpu(), kw["patch_size"])
+            f, d = _compare(torch, got, ref, nz, kw, Kc, energy)
             data[name] = d
             fails += [f"{name}: {x}" for x in f]
     except Exception as exc:
@@ -221,7 +174,7 @@ def main(argv=None) -> int:
             t[0] = math.nan if what.endswith("nan") else math.inf
             for ot in (True, False):
                 s = pgs_kernels.pgs_select(im2, tk2, noise=nz2, backend="triton", use_ot=ot, **kw_vit)
-                ok = _valid(torch, s, 64, 196, K)
+                ok = _valid(s, 64, 196, K)
                 bad[f"{what}-ot{int(ot)}"] = ok
                 if not ok:
                     fails.append(f"invalid selection with {what}, use_ot={ot}")
@@ -261,7 +214,7 @@ def main(argv=None) -> int:
             data[f"batch{B}"] = dict(median_ms=round(ms, 4), copy_ms=round(copy_ms, 4),
                                      copy_gbps=round(gbps, 1), bandwidth_floor_ms=round(floor_ms, 4),
                                      over_floor=round(ms / floor_ms, 2), us_per_image=round(ms * 1e3 / B, 3))
-            del src, dst
+
         variants = {"full": kw_vit, "no_ot": dict(kw_vit, use_ot=False),
                     "tokens_only": dict(kw_vit, token_weight=1.0), "pixels_only": dict(kw_vit, token_weight=0.0),
                     "no_candidates": dict(kw_vit, candidate_ratio=0.0)}

@@ -72,7 +72,7 @@ tests_part() {
     $PY setup.py build_ext --inplace -q || return 1
   fi
   local xml="$OUT_DIR/gpu-tests-$DEV.xml" rc
-  $PY -m pytest tests bench -q -p no:cacheprovider --junitxml="$xml"
+  $PY -m pytest tests -q -p no:cacheprovider --junitxml="$xml"
   rc=$?
   $PY - "$xml" "$OUT_DIR/gpu-tests-$DEV.json" <<'EOF'
 import json, subprocess, sys, xml.etree.ElementTree as ET

@@ -82,13 +82,11 @@ import re
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from bench.common import ROOT, argument_parser, git_commit, out_help, result_path, write_result
 
-DEFAULT_OUT = os.path.join(ROOT, "bench", "results", "kernel-sm90.json")
+DEFAULT_OUT = result_path("kernel-sm90.json")
 BATCH = 256
 TOKEN_WEIGHT = 0.5
 
@@ -107,7 +105,7 @@ CONFIGS = [
     (336, 14, "bf16", 1024),
     (512, 16, "bf16", 768),
 ]
-# SPEC defaults for the rest.
+# The contract's defaults for the rest.
 MASK_RATIO, CANDIDATE_RATIO, SIM_THRESHOLD, EDGE_WEIGHT, OT_REG, OT_ITERS = 0.5, 0.05, 0.5, 1.0, 0.05, 20
 
 
@@ -125,16 +123,12 @@ def parse_config(text: str):
     return int(m.group(1)), int(m.group(2)), tdt, (int(m.group(4) or 768) if tdt else 0)
 
 
-def _pgs_counts():
-    try:  # where the package keeps the contract's counts
-        from pgs_kernels import pgs_counts
-    except ImportError:
-        from python_ref.selection import pgs_counts
-    return pgs_counts
-
-
 def _counts(L: int):
-    return _pgs_counts()(L, MASK_RATIO, CANDIDATE_RATIO)  # (K, M, k)
+    # Imported here: the package must load after the choice between the
+    # interpreter (trace worker) and the compiler (report) is made.
+    from pgs_kernels import pgs_counts
+
+    return pgs_counts(L, MASK_RATIO, CANDIDATE_RATIO)  # (K, M, k)
 
 
 def plan(cfg, batch: int, device: str, compiled: bool, tok_dtype=None):
@@ -735,7 +729,6 @@ def _json_meta(meta) -> dict:
 
 def report_config(cfg, archs, batch: int = BATCH, verbose: bool = False) -> List[dict]:
     size, p, tdt, d = cfg
-    L = (size // p) ** 2
     _, launches = plan(cfg, batch, "meta", compiled=True)
     metas = [_json_meta(m) for _, _, _, m in launches]
     trace = trace_config(cfg, metas)
@@ -799,18 +792,6 @@ def report_config(cfg, archs, batch: int = BATCH, verbose: bool = False) -> List
     return rows
 
 
-def _git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        # Dirty only for changes to the sources, not to earlier results.
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)bench/results"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def print_table(rows, out=sys.stdout):
     hdr = (f"{'arch':6} {'config':16} {'warps':>5} {'regs':>4} {'spill':>5} {'smem':>6} {'cta/SM':>6} "
            f"{'warps/SM':>8} {'instr/thr':>9} {'issue µs':>9} {'bw µs':>7} {'ratio':>6}")
@@ -825,9 +806,8 @@ def print_table(rows, out=sys.stdout):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=DEFAULT_OUT, help="JSON output (default: %(default)s)")
+    ap = argument_parser(__doc__)
+    ap.add_argument("--out", default=DEFAULT_OUT, help=out_help("kernel-sm90.json"))
     ap.add_argument("--configs", nargs="*", help="e.g. 224/16:bf16 336/14:bf16x1024 224/14:notok")
     ap.add_argument("--archs", nargs="*", default=list(ARCHS), choices=list(ARCHS))
     ap.add_argument("--batch", type=int, default=BATCH)
@@ -852,14 +832,12 @@ def main(argv=None):
         rows += report_config(cfg, args.archs, args.batch, verbose=args.verbose)
     rows.sort(key=lambda r: (list(ARCHS).index(r["arch"]), r["height"], -r["patch_size"]))
     doc = dict(device="offline: " + ", ".join(ARCHS[a]["name"] for a in args.archs) + " (ptxas, no GPU)",
-               triton=triton.__version__, torch=torch.__version__, commit=_git_commit(),
+               triton=triton.__version__, torch=torch.__version__, commit=git_commit(),
                assumptions={a: {k: ARCHS[a][k] for k in ("sms", "schedulers", "clock_ghz", "dram_tbps")}
                             for a in args.archs},
                rows=rows)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(doc, f, indent=1)
+        write_result(args.out, doc, quiet=True)
     print_table(rows)
     if args.steps:
         for r in rows:

@@ -97,7 +97,6 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
     ms = time_cuda(lambda: dst.copy_(src), device)
-    del src, dst
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
@@ -291,7 +290,7 @@ def run_series(device, impls, batches, res, P, dtype_name, tokens_dtype_name, bu
             if fused_ms is not None:
                 row["ratio_to_fused"] = round(ms / fused_ms, 4)
             rows.append(row)
-        del x, t, u
+        x = t = u = None  # free the batch before the next one is allocated
         if device.type == "cuda":
             torch.cuda.empty_cache()
         save()

@@ -412,7 +412,6 @@ def load_old_port(rev: str):
 def port_variant(images, tokens, u, u2, mask_ratio, token_weight, *, patchify=pub.patchify_pqc,
                  sinkhorn=pub.sinkhorn_knopp_division, stable=False):
     """The port's steps with one detail swapped; returns (kept (B, K') sorted, candidates)."""
-    B = images.shape[0]
     K, _, k = pub.pgs_counts(L, mask_ratio, CANDIDATE_RATIO)
     z = pub.standardize_patches(patchify(images, PATCH))
     b = pub.published_edge_prior(z, 14, 14)

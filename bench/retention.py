@@ -9,14 +9,14 @@ Methods, all at the same mask ratio and on the same noise:
                  fraction is reported next to its scores;
 * ``cluster``    E-CLIP-style cluster masking, ``pgs_select(edge_weight=0, use_ot=False)``;
 * ``pgs_no_ot``  PGS without optimal transport (``use_ot=False``);
-* ``pgs``        PGS with the SPEC's defaults.
+* ``pgs``        PGS with the contract's defaults.
 
 Metrics, per image, then mean and std over images x seeds:
 
 * ``object_kept``: kept object patches / object patches (synthetic only; an
   object patch has >= 50 % object pixels, ``samples.object_patches``);
 * ``edge_kept``: sum of kept ``e_j`` / sum of all ``e_j``, ``e_j`` the mean
-  Sobel magnitude of the normalized image over patch ``j`` (the SPEC's
+  Sobel magnitude of the normalized image over patch ``j`` (the contract's
   ``e_j`` before min-max);
 * ``keep_frac``: kept patches / L.
 

@@ -1,8 +1,8 @@
 // Declarations shared by the files of the native CPU kernel of
-// pgs_kernels::pgs_select (the contract: SPEC.md; the oracle:
+// pgs_kernels::pgs_select (the contract: docs/algorithm.md; the oracle:
 // python_ref.pgs.pgs_select_core).
 //
-// Symbols (SPEC.md): B images of C x H x W, patch size P, grid gh x gw,
+// Symbols (docs/algorithm.md): B images of C x H x W, patch size P, grid gh x gw,
 // L = gh gw patches, K kept, M = L - K dropped, k candidates, D token
 // features, u noise, w_e edge weight, alpha token weight, eps = ot_reg,
 // T = ot_iters, theta = sim_threshold.

@@ -1,4 +1,4 @@
-r"""Fused Triton kernel of PGS selection (SPEC.md; symbols as there).
+r"""Fused Triton kernel of PGS selection (docs/algorithm.md; symbols as there).
 
 For image ``b`` with a ``GH x GW`` grid of patches (``L = GH GW``), ``C``
 channels, ``k`` candidates, ``K`` kept and ``M = L - K`` dropped, one program
@@ -40,7 +40,7 @@ runs six steps, one ``@triton.jit`` helper each:
    ``S = (1-α) S^x + α S^t``. ``ι = 0`` (a squared norm that overflowed fp32)
    makes a term exactly 0, as ``v / inf`` does in fp32; a token holding Inf
    gets a NaN norm (its terms are ``t² + t·0``), as ``t / inf`` gives NaN.
-5. ``_sinkhorn_scaling``: with OT, SPEC's ``T`` log-domain Sinkhorn steps in
+5. ``_sinkhorn_scaling``: with OT, the contract's ``T`` log-domain Sinkhorn steps in
    their scaling form. In base 2, ``z = S log2(e)/ε``, ``c_i = max_j z_ij``,
    ``K_ij = 2^(z_ij - c_i)``; from ``B = 1``,
    ``A_i = (1/k) / Σ_j K_ij B_j``, ``B_j = (1/L) / Σ_i K_ij A_i`` (so that

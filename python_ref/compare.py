@@ -7,7 +7,8 @@ flipping. A row is *decided* when
 
 * the ``k``-th and ``(k+1)``-th smallest keys are more than ``tol`` apart
   (the candidate cut),
-* no redundancy lies within ``tol`` of ``θ`` (the tier-1 threshold), and
+* no redundancy of a patch other than a candidate lies within ``tol`` of
+  ``θ`` (the tier-1 threshold), and
 * the ``M``-th and ``(M+1)``-th patches of the drop order
   ``(tier_j, key_j, j)`` differ by more than ``tol`` in key or differ in tier
   (the drop cut).
@@ -107,10 +108,12 @@ def decided_rows(ref, noise: Tensor, edge_weight: float, num_keep: int, sim_thre
     k = ref.candidates.shape[1]
     ok = _gap_at(key, k) > key_tol
     r = ref.redundancy.double().cpu()
-    ok &= ~((r - sim_threshold).abs() <= tol).any(dim=1)
+    is_cand = torch.zeros(B, L, dtype=torch.bool).scatter_(1, ref.candidates.cpu(), True)
+    # A candidate's tier is 0 whatever its r: only the others' r can sit on θ.
+    ok &= ~(((r - sim_threshold).abs() <= tol) & ~is_cand).any(dim=1)
     tier = torch.full((B, L), 2.0, dtype=torch.float64)
     tier[r > sim_threshold] = 1.0
-    tier.scatter_(1, ref.candidates.cpu(), 0.0)
+    tier[is_cand] = 0.0
     ok &= _gap_at(tier * 1e6 + key, L - num_keep) > key_tol
     return ok
 

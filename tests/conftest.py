@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import pgs_kernels  # noqa: E402
 import python_ref  # noqa: E402
 from pgs_kernels import pgs_counts, samples  # noqa: E402
-from python_ref.compare import compare_with_reference, decided_rows, selection_errors  # noqa: E402
+from python_ref.compare import compare_with_reference, selection_errors  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -60,12 +60,6 @@ def assert_valid_selection(sel, B: int, L: int, K: int):
     """The invariants every output must meet, NaN inputs included."""
     errors = selection_errors(sel, B, L, K)
     assert not errors, "; ".join(errors)
-
-
-def stable_rows(ref, noise, edge_weight: float, K: int, sim_threshold: float, tol: float = 1e-4):
-    """Rows of a batch whose selection is decided by more than ``tol``
-    (:func:`python_ref.compare.decided_rows`)."""
-    return decided_rows(ref, noise, edge_weight, K, sim_threshold, tol)
 
 
 def assert_matches_reference(backend, images, tokens=None, noise=None, *, min_decided=0.5, tol=1e-4, **kw):

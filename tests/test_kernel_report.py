@@ -51,7 +51,6 @@ def test_report_row_for_a_small_config(tmp_path):
 def test_sass_loop_analysis_on_a_hand_made_listing():
     """Two nested loops, the inner one unrolled by ptxas four times relative to
     the PTX: the counts follow the trip counts divided by the unroll factor."""
-    sys.path.insert(0, ROOT)
     from bench import kernel_report as kr
 
     f = os.path.realpath(os.path.join(ROOT, "pgs_kernels", "triton_pgs.py"))
