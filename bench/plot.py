@@ -120,7 +120,14 @@ def _log_axes(ax, minor_digits=(2, 5)) -> None:
     ax.set_yscale("log")
     ax.xaxis.set_major_formatter(plain)
     ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if int(f"{v:e}"[0]) in minor_digits else ""))
+
+    def minor(v, _):
+        lo, hi = ax.get_ylim()
+        # within less than a decade too few minor ticks are left to read by: label each
+        narrow = hi < 10 * lo
+        return f"{v:.3g}" if narrow or int(f"{v:e}"[0]) in minor_digits else ""
+
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
 
 
 def micro(doc: Dict, png: str) -> List[str]:
