@@ -36,27 +36,17 @@ struct VT {
   typedef double D __attribute__((vector_size(VW * sizeof(double))));  // VW doubles
 };
 
-template <class V>
-PGS_INL V vload(const float* p) {
+// Unaligned vector load and store of floats or doubles (memcpy: no
+// alignment or aliasing assumption, one vector move after optimisation).
+template <class V, class T>
+PGS_INL V vload(const T* p) {
   V v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-template <class V>
-PGS_INL void vstore(float* p, V v) {
-  std::memcpy(p, &v, sizeof v);
-}
-
-template <class V>
-PGS_INL V vloadd(const double* p) {
-  V v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-template <class V>
-PGS_INL void vstored(double* p, V v) {
+template <class V, class T>
+PGS_INL void vstore(T* p, V v) {
   std::memcpy(p, &v, sizeof v);
 }
 

@@ -154,7 +154,7 @@ PGS_INL void sinkhorn_log_domain(const float* S, int64_t k, int64_t L, int64_t L
   const auto last = lanes_below<VW>(L - (Lp - VW));  // valid lanes of the last vector
   // LP_ij for the VW columns from j on, stored; the f_i + g_j are added in double.
   auto log_plan = [&](int64_t i, int64_t j) PGS_INL_LAMBDA {
-    const D fg = vloadd<D>(g + j) + f[i];
+    const D fg = vload<D>(g + j) + f[i];
     const F lp = __builtin_convertvector(__builtin_convertvector(vload<F>(Z + i * Lp + j), D) + fg, F);
     vstore(LP + i * Lp + j, lp);
     return lp;
@@ -195,7 +195,7 @@ PGS_INL void sinkhorn_log_domain(const float* S, int64_t k, int64_t L, int64_t L
       for (int64_t i = 0; i < k; ++i) s += vexp<VW>(vload<F>(LP + i * Lp + j) - m);
       const auto valid = j + VW < Lp ? (I{} - 1) : last;
       const F step = valid ? log_b - (m + vlog<VW>(s)) : F{};
-      vstored(g + j, vloadd<D>(g + j) + __builtin_convertvector(step, D));
+      vstore(g + j, vload<D>(g + j) + __builtin_convertvector(step, D));
     }
   }
 
