@@ -26,6 +26,11 @@ is done (a run cut short still leaves what it measured):
   reported, not checked.
 
 Exits 1 when any check fails; without CUDA it says so and exits 2.
+
+``--dry-run`` runs every section on the CPU through the Triton interpreter
+at toy sizes (64² images, a few per batch, tokens of width 32) and writes
+``gpu-smoke-dry-run.json``: a check of this script, so that GPU time is not
+spent on a bug in it; its times mean nothing and no figure comes from it.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 from bench.common import argument_parser, environment, pick_device, result_path, write_result
 
@@ -89,15 +95,40 @@ def _valid(sel, B, L, K):
     return not selection_errors(sel, B, L, K)
 
 
+# Sizes of each section: the ViT-B/16 call on a GPU; toy ones for --dry-run.
+GPU_SIZES = dict(
+    res=224, D=768, compile_batch=8, check_batch=64, timing_batches=(32, 256), attribution_batch=256,
+    # (B, H, W, P, options); D everywhere the same, so these compiles serve the timing section too
+    agreement=[(32, 224, 224, 16, dict(token_weight=0.5)), (16, 224, 224, 14, dict(token_weight=0.5)),
+               (8, 336, 336, 14, dict(token_weight=0.3, candidate_ratio=0.1)),
+               (16, 224, 224, 16, dict(use_ot=False))],
+)
+DRY_RUN_SIZES = dict(
+    res=64, D=32, compile_batch=2, check_batch=3, timing_batches=(2,), attribution_batch=2,
+    agreement=[(2, 64, 64, 16, dict(token_weight=0.5)), (2, 56, 56, 14, dict(token_weight=0.5)),
+               (1, 84, 84, 14, dict(token_weight=0.3, candidate_ratio=0.1)),
+               (2, 64, 64, 16, dict(use_ot=False))],
+)
+
+
 def main(argv=None) -> int:
     ap = argument_parser(__doc__)
     ap.add_argument("--out", default=os.path.dirname(result_path("x")),
                     help="output folder (default: bench/results/; gpu-smoke-<device>.json is overwritten)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="CPU, Triton interpreter, toy sizes: checks the script, measures nothing")
     args = ap.parse_args(argv)
 
+    if args.dry_run:
+        # before Triton is imported: @triton.jit picks the interpreter then
+        os.environ["TRITON_INTERPRET"] = "1"
+        # numpy's warnings on the interpreter's inf/NaN lanes (a GPU computes them silently)
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
     import torch
 
-    device = pick_device("cuda")  # "needs a CUDA device" and exit 2 without one
+    device = torch.device("cpu") if args.dry_run else pick_device("cuda")  # no CUDA: a message, exit 2
+    dev = device.type
+    sz = DRY_RUN_SIZES if args.dry_run else GPU_SIZES
     import triton
     import triton.testing
 
@@ -106,24 +137,45 @@ def main(argv=None) -> int:
     from pgs_kernels import pgs_counts, samples, triton_pgs
 
     env = environment(device, "gpu_smoke")
-    rep = Report(os.path.join(args.out, f"gpu-smoke-{env['device']}.json"), env)
+    name = "dry-run" if args.dry_run else env["device"]
+    rep = Report(os.path.join(args.out, f"gpu-smoke-{name}.json"), dict(env, dry_run=args.dry_run))
     t_start = time.time()
-    kw_vit = dict(patch_size=16, token_weight=0.5)
+    res, D = sz["res"], sz["D"]
+    P = 16
+    L = (res // P) ** 2
+    kw_vit = dict(patch_size=P, token_weight=0.5)
+
+    def inputs(seed, B, H, W, P, tok_dtype=torch.bfloat16):
+        return _inputs(torch, seed, B, H, W, P, D=D, tok_dtype=tok_dtype, device=dev)
+
+    def sync():
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    def bench(fn):
+        if args.dry_run:  # do_bench needs CUDA; one timed call shows the code path works
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
     # ---- compile and load: the kernels as the launcher runs them
     try:
-        images, tokens, noise = _inputs(torch, 0, 8, 224, 224, 16, tok_dtype=torch.bfloat16)
-        K, _, k = pgs_counts(196, 0.5, 0.05)
+        images, tokens, noise = inputs(0, sz["compile_batch"], res, res, P)
+        K, _, k = pgs_counts(L, 0.5, 0.05)
         t0 = time.time()
-        outputs, launches = triton_pgs._launch_plan(images, tokens, noise, 16, K, k, 0.5, 0.5, 1.0, True, 0.05,
-                                                    20, compiled=True)
+        outputs, launches = triton_pgs._launch_plan(images, tokens, noise, P, K, k, 0.5, 0.5, 1.0, True, 0.05,
+                                                    20, compiled=not args.dry_run)
         kernels = []
         for kernel, grid, kargs, meta in launches:
             ck = kernel[grid](*kargs, **meta)
+            if args.dry_run:  # interpreted: nothing compiled to read back
+                kernels.append(dict(name=kernel.__name__ if hasattr(kernel, "__name__") else str(kernel)))
+                continue
             kernels.append(dict(name=ck.metadata.name, num_warps=ck.metadata.num_warps, n_regs=ck.n_regs,
                                 n_spills=ck.n_spills, shared=ck.metadata.shared))
-        torch.cuda.synchronize()
-        fails = [f"launch {n} spills {kk['n_spills']}" for n, kk in enumerate(kernels) if kk["n_spills"]]
+        sync()
+        fails = [f"launch {n} spills {kk['n_spills']}" for n, kk in enumerate(kernels) if kk.get("n_spills")]
         rep.section("compile", dict(seconds=round(time.time() - t0, 1), kernels=kernels), fails)
     except Exception as exc:  # report and go on: later sections still tell something
         rep.section("compile", dict(error=repr(exc)), [repr(exc)])
@@ -131,16 +183,12 @@ def main(argv=None) -> int:
     # ---- agreement with the fp64 reference
     fails, data = [], {}
     try:
-        photos = torch.stack([samples.standardize(samples.photo(n)) for n in samples.PHOTO_NAMES[:5]])
-        cases = [("photos", photos.cuda(), None, torch.rand(5, 196, generator=torch.Generator().manual_seed(1)).cuda(),
-                  dict(patch_size=16))]
-        for seed, (B, H, W, P, kw) in enumerate([(32, 224, 224, 16, dict(token_weight=0.5)),
-                                                 (16, 224, 224, 14, dict(token_weight=0.5)),
-                                                 (8, 336, 336, 14, dict(token_weight=0.3, candidate_ratio=0.1)),
-                                                 (16, 224, 224, 16, dict(use_ot=False))]):
-            # D = 768 everywhere: these compiles are shared with the timing section.
-            im, tk, nz = _inputs(torch, 10 + seed, B, H, W, P, tok_dtype=torch.bfloat16)
-            cases.append((f"random-{H}/{P}-{kw}", im, tk, nz, dict(patch_size=P, **kw)))
+        photos = torch.stack([samples.standardize(samples.photo(n, res)) for n in samples.PHOTO_NAMES[:5]])
+        cases = [("photos", photos.to(dev), None, torch.rand(5, L, generator=torch.Generator().manual_seed(1)).to(dev),
+                  dict(patch_size=P))]
+        for seed, (B, H, W, Pc, kw) in enumerate(sz["agreement"]):
+            im, tk, nz = inputs(10 + seed, B, H, W, Pc)
+            cases.append((f"random-{H}/{Pc}-{kw}", im, tk, nz, dict(patch_size=Pc, **kw)))
         for name, im, tk, nz, kw in cases:
             got = pgs_kernels.pgs_select(im, tk, noise=nz, backend="triton", return_scores=True, **kw)
             ref = python_ref.pgs_select(im.float(), tk.float() if tk is not None and kw.get("token_weight", 0) else None,
@@ -158,7 +206,8 @@ def main(argv=None) -> int:
     # ---- determinism, invariants, layouts
     fails, data = [], {}
     try:
-        im, tk, nz = _inputs(torch, 20, 64, 224, 224, 16, tok_dtype=torch.bfloat16)
+        Bc = sz["check_batch"]
+        im, tk, nz = inputs(20, Bc, res, res, P)
         a = pgs_kernels.pgs_select(im, tk, noise=nz, backend="triton", return_scores=True, **kw_vit)
         b = pgs_kernels.pgs_select(im, tk, noise=nz, backend="triton", return_scores=True, **kw_vit)
         same = all(torch.equal(x.nan_to_num(), y.nan_to_num()) for x, y in zip(a, b))
@@ -166,7 +215,7 @@ def main(argv=None) -> int:
         if not same:
             fails.append("two calls differ")
         bad = {}
-        K, _, _ = pgs_counts(196, 0.5, 0.05)
+        K, _, _ = pgs_counts(L, 0.5, 0.05)
         for what in ("images_nan", "images_inf", "tokens_nan", "tokens_inf", "noise_nan"):
             im2, tk2, nz2 = im.clone(), tk.clone(), nz.clone()
             t = {"images": im2, "tokens": tk2, "noise": nz2}[what.split("_")[0]]
@@ -174,15 +223,15 @@ def main(argv=None) -> int:
             t[0] = math.nan if what.endswith("nan") else math.inf
             for ot in (True, False):
                 s = pgs_kernels.pgs_select(im2, tk2, noise=nz2, backend="triton", use_ot=ot, **kw_vit)
-                ok = _valid(s, 64, 196, K)
+                ok = _valid(s, Bc, L, K)
                 bad[f"{what}-ot{int(ot)}"] = ok
                 if not ok:
                     fails.append(f"invalid selection with {what}, use_ot={ot}")
         data["invariants"] = bad
         cl = im.to(memory_format=torch.channels_last)
-        big = torch.zeros(64, 4, 240, 232, device="cuda")
-        big[:, :3, 8:232, 4:228] = im
-        sliced = big[:, :3, 8:232, 4:228]
+        big = torch.zeros(Bc, 4, res + 16, res + 8, device=dev)
+        big[:, :3, 8:8 + res, 4:4 + res] = im
+        sliced = big[:, :3, 8:8 + res, 4:4 + res]
         tok_t = tk.transpose(1, 2).contiguous().transpose(1, 2)
         lay = {}
         for name, (x, t) in {"channels_last": (cl, tk), "sliced": (sliced, tok_t)}.items():
@@ -198,15 +247,14 @@ def main(argv=None) -> int:
     # ---- timing against the bandwidth floor measured here
     fails, data = [], {}
     try:
-        def bench(fn):
-            return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
-
-        for B in (32, 256):
-            im, tk, nz = _inputs(torch, 30, B, 224, 224, 16, tok_dtype=torch.bfloat16)
+        K, _, k = pgs_counts(L, 0.5, 0.05)
+        for B in sz["timing_batches"]:
+            im, tk, nz = inputs(30, B, res, res, P)
             ms = bench(lambda: pgs_kernels.pgs_select(im, tk, noise=nz, backend="triton", **kw_vit))
             n_read = im.numel() * im.element_size() + tk.numel() * tk.element_size() + nz.numel() * 4
-            n_write = B * (98 * 8 + 196 + 196 * 4 + 10 * 8 + 196 * 4)
-            src = torch.empty(n_read // 4, dtype=torch.float32, device="cuda")
+            # keep_idx, mask, edge, candidates, redundancy
+            n_write = B * (K * 8 + L + L * 4 + k * 8 + L * 4)
+            src = torch.empty(n_read // 4, dtype=torch.float32, device=dev)
             dst = torch.empty_like(src)
             copy_ms = bench(lambda: dst.copy_(src))
             gbps = 2 * n_read / (copy_ms * 1e-3) / 1e9  # a copy reads and writes n_read bytes
@@ -218,13 +266,15 @@ def main(argv=None) -> int:
         variants = {"full": kw_vit, "no_ot": dict(kw_vit, use_ot=False),
                     "tokens_only": dict(kw_vit, token_weight=1.0), "pixels_only": dict(kw_vit, token_weight=0.0),
                     "no_candidates": dict(kw_vit, candidate_ratio=0.0)}
-        im, tk, nz = _inputs(torch, 31, 256, 224, 224, 16, tok_dtype=torch.bfloat16)
+        Ba = sz["attribution_batch"]
+        im, tk, nz = inputs(31, Ba, res, res, P)
         att = {}
-        for name, kw in variants.items():
-            att[name] = round(bench(lambda: pgs_kernels.pgs_select(im, tk, noise=nz, backend="triton", **kw)), 4)
-        data["attribution_batch256_ms"] = att
-        # A target, not a check: reported, never a failure.
-        data["target_batch256_le_0.2ms"] = data["batch256"]["median_ms"] <= 0.2
+        for variant, kw in variants.items():
+            att[variant] = round(bench(lambda: pgs_kernels.pgs_select(im, tk, noise=nz, backend="triton", **kw)), 4)
+        data[f"attribution_batch{Ba}_ms"] = att
+        if "batch256" in data:
+            # A target, not a check: reported, never a failure.
+            data["target_batch256_le_0.2ms"] = data["batch256"]["median_ms"] <= 0.2
     except Exception as exc:
         fails.append(repr(exc))
     data["seconds_so_far"] = round(time.time() - t_start, 1)

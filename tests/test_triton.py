@@ -445,3 +445,23 @@ def test_gpu_scripts_say_they_need_cuda(tmp_path):
         assert proc.returncode == 2, (cmd, proc.stdout, proc.stderr)
         assert "needs a CUDA device" in proc.stderr and "Traceback" not in proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_gpu_smoke_dry_run(tmp_path):
+    """The GPU smoke check, every section, on the CPU through the interpreter at
+    toy sizes: a bug in the script costs CI half a minute, not a GPU run."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_smoke", "--dry-run", "--out", str(tmp_path)],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "gpu-smoke-dry-run.json").read_text())
+    assert doc["dry_run"] and doc["ok"] and not doc["failures"]
+    assert set(doc["sections"]) == {"compile", "agreement", "checks", "timing"}
+    agreement = doc["sections"]["agreement"]
+    assert "photos" in agreement and all(d["decided_rows"] > 0 for d in agreement.values())
+    assert all(doc["sections"]["checks"]["invariants"].values())
