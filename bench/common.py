@@ -299,6 +299,16 @@ def time_cuda(fn: Callable, device: torch.device) -> float:
     return float(statistics.median(times))
 
 
+def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30,
+                        timer: Optional[Callable[[Callable], float]] = None) -> float:
+    """Device-to-device copy bandwidth, (read + write) bytes / s, in GB/s, of
+    copying ``nbytes``; ``timer(fn)`` gives ms (default :func:`time_cuda`)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    ms = (timer or (lambda fn: time_cuda(fn, device)))(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
 def timer_name(device: torch.device) -> str:
     if torch.device(device).type != "cuda":
         return "time.perf_counter median after warm-up"

@@ -17,8 +17,8 @@ is done (a run cut short still leaves what it measured):
   selections;
 * ``layouts``: channels-last and sliced inputs agree with contiguous ones
   within 1e-4 (selections equal on decided rows);
-* ``timing``: median time (``triton.testing.do_bench``) at batch 32 and 256,
-  224/16, fp32 images, bf16 tokens of width 768, ``token_weight = 0.5``,
+* ``timing``: median time (``bench.common.time_cuda``, ``triton.testing.do_bench``)
+  at batch 32 and 256, 224/16, fp32 images, bf16 tokens of width 768, ``token_weight = 0.5``,
   against the bandwidth floor measured in the same run (a device-to-device
   copy: the bytes the call must read, at the copy's bandwidth, plus its
   outputs); then batch 256 without OT, with tokens only, with pixels only
@@ -42,7 +42,8 @@ import sys
 import time
 import warnings
 
-from bench.common import argument_parser, environment, pick_device, result_path, write_result
+from bench.common import (argument_parser, copy_bandwidth_gbps, environment, pick_device, result_path, time_cuda,
+                          write_result)
 
 TOL = 1e-4
 
@@ -129,9 +130,6 @@ def main(argv=None) -> int:
     device = torch.device("cpu") if args.dry_run else pick_device("cuda")  # no CUDA: a message, exit 2
     dev = device.type
     sz = DRY_RUN_SIZES if args.dry_run else GPU_SIZES
-    import triton
-    import triton.testing
-
     import pgs_kernels
     import python_ref
     from pgs_kernels import pgs_counts, samples, triton_pgs
@@ -157,7 +155,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             fn()
             return (time.perf_counter() - t0) * 1e3
-        return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+        return time_cuda(fn, device)
 
     # ---- compile and load: the kernels as the launcher runs them
     try:
@@ -170,7 +168,7 @@ def main(argv=None) -> int:
         for kernel, grid, kargs, meta in launches:
             ck = kernel[grid](*kargs, **meta)
             if args.dry_run:  # interpreted: nothing compiled to read back
-                kernels.append(dict(name=kernel.__name__ if hasattr(kernel, "__name__") else str(kernel)))
+                kernels.append(dict(name=getattr(kernel, "__name__", str(kernel))))
                 continue
             kernels.append(dict(name=ck.metadata.name, num_warps=ck.metadata.num_warps, n_regs=ck.n_regs,
                                 n_spills=ck.n_spills, shared=ck.metadata.shared))
@@ -254,10 +252,8 @@ def main(argv=None) -> int:
             n_read = im.numel() * im.element_size() + tk.numel() * tk.element_size() + nz.numel() * 4
             # keep_idx, mask, edge, candidates, redundancy
             n_write = B * (K * 8 + L + L * 4 + k * 8 + L * 4)
-            src = torch.empty(n_read // 4, dtype=torch.float32, device=dev)
-            dst = torch.empty_like(src)
-            copy_ms = bench(lambda: dst.copy_(src))
-            gbps = 2 * n_read / (copy_ms * 1e-3) / 1e9  # a copy reads and writes n_read bytes
+            gbps = copy_bandwidth_gbps(device, n_read, timer=bench)  # a copy of the bytes the call reads
+            copy_ms = 2 * n_read / (gbps * 1e9) * 1e3
             floor_ms = (n_read + n_write) / (gbps * 1e9) * 1e3
             data[f"batch{B}"] = dict(median_ms=round(ms, 4), copy_ms=round(copy_ms, 4),
                                      copy_gbps=round(gbps, 1), bandwidth_floor_ms=round(floor_ms, 4),

@@ -58,8 +58,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from bench.common import (LoadRecord, argument_parser, device_slug, environment, out_help, pick_device,
-                          result_path, sync, time_cpu, time_cuda, timer_name, write_result)
+from bench.common import (LoadRecord, argument_parser, copy_bandwidth_gbps, device_slug, environment, out_help,
+                          pick_device, result_path, sync, time_cpu, time_cuda, timer_name, write_result)
 
 CONFIGS = ("224/16", "224/14", "336/14", "384/16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -90,14 +90,6 @@ def fused_backend(device: torch.device) -> str:
     import pgs_kernels
 
     return pgs_kernels.resolve_backend("auto", device).name
-
-
-def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth, (read + write) bytes / s, in GB/s."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    ms = time_cuda(lambda: dst.copy_(src), device)
-    return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
 # ----------------------------------------------------------------------------- implementations
