@@ -29,23 +29,47 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: The committed figures (README, docs): written only with ``--refresh``.
 RESULTS = os.path.join(ROOT, "bench", "results")
+#: Where a script writes by default: untracked, so a run never changes the checkout.
+SCRATCH = os.path.join(ROOT, "bench", "out")
+_refresh = False
 
 
 def result_path(name: str) -> str:
-    """``bench/results/<name>``, the default output of every script."""
-    return os.path.join(RESULTS, name)
+    """``bench/out/<name>``, the default output of every script, or
+    ``bench/results/<name>`` once the script was run with ``--refresh``."""
+    return os.path.join(RESULTS if _refresh else SCRATCH, name)
+
+
+class _Parser(argparse.ArgumentParser):
+    """``--refresh`` moves every default output from bench/out/ to
+    bench/results/ (defaults are computed before the flag is read)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, rest = super().parse_known_args(args, namespace)
+        global _refresh
+        if getattr(ns, "refresh", False):
+            _refresh = True
+            for key, value in vars(ns).items():
+                if isinstance(value, str) and (value == SCRATCH or value.startswith(SCRATCH + os.sep)):
+                    setattr(ns, key, RESULTS + value[len(SCRATCH):])
+        return ns, rest
 
 
 def argument_parser(doc: str) -> argparse.ArgumentParser:
     """A parser whose ``--help`` prints the script's whole docstring (which
-    says where its results go)."""
-    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    says where its results go), with ``--refresh``."""
+    p = _Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--refresh", action="store_true",
+                   help="write the default outputs into bench/results/ (the committed figures) instead of bench/out/")
+    return p
 
 
 def out_help(default: str) -> str:
     """The ``--out`` help line every script uses."""
-    return f"JSON to write (default: bench/results/{default}, overwritten; the PNG goes beside it)"
+    return (f"JSON to write (default: bench/out/{default}, untracked; with --refresh bench/results/{default}; "
+            "overwritten; a PNG goes beside it)")
 
 
 # ----------------------------------------------------------------------------- environment

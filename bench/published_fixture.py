@@ -32,7 +32,6 @@ same draws to the port.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import importlib
@@ -48,6 +47,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from bench.common import argument_parser, result_path
 from pgs_kernels import samples as scenes
 from python_ref import published as pub
 from python_ref.pgs import patchify as patchify_cpq
@@ -56,7 +56,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DATA = os.path.join(_ROOT, "tests", "data")
 FIXTURE = os.path.join(DATA, "published_official.npz")
-RESULTS = os.path.join(_ROOT, "bench", "results", "published-vs-official.json")
+RESULTS_NAME = "published-vs-official.json"
 
 L = 196  # 224 / 16 squared: the published code patchifies with 16
 PATCH = 16
@@ -605,11 +605,12 @@ def sinkhorn_sensitivity(n_scenes: int) -> Dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argument_parser(__doc__.split("\n\n")[0])
     ap.add_argument("--official", required=True, help="path to a checkout of PGSmall/clip-pgs")
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--fixture", action="store_true", help="write tests/data/published_official.npz")
-    mode.add_argument("--compare", action="store_true", help="write bench/results/published-vs-official.json")
+    mode.add_argument("--compare", action="store_true",
+                      help=f"write bench/out/{RESULTS_NAME} (with --refresh bench/results/{RESULTS_NAME})")
     ap.add_argument("--old-rev", default="8a1a989", help="git revision of the port before it was made faithful")
     ap.add_argument("--scenes", type=int, default=1024, help="synthetic scenes in the match count (--compare)")
     ap.add_argument("--seeds", type=int, default=3, help="noise seeds per photo setting (--compare)")
@@ -643,13 +644,14 @@ def main(argv=None) -> None:
         "loadavg_end": list(os.getloadavg()),
         **res,
     }
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
+    out = result_path(RESULTS_NAME)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
         json.dump(doc, f, indent=1)
     print(json.dumps({k: doc[k] for k in ("match", "totals", "attn_mask_equal", "sk_divisions_histogram",
                                           "kept_set_decided_by_sort_ties", "candidates_vs_noise",
                                           "sinkhorn_sensitivity")}, indent=1))
-    print(f"wrote {RESULTS}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from .api import pgs_select
 from .backends import BACKENDS, available_backends, resolve_backend
 from .contract import PGSSelection, pgs_counts
 from .dropout import PGSPatchDropout
+from .integrations import PGSDropoutSlot, remove_pgs, set_pgs_epoch, use_pgs
 from .op import NATIVE_AVAILABLE, SCHEMA, TRITON_AVAILABLE
 
 __version__ = "0.1.0"
@@ -19,6 +20,10 @@ __all__ = [
     "pgs_select",
     "PGSSelection",
     "PGSPatchDropout",
+    "use_pgs",
+    "remove_pgs",
+    "set_pgs_epoch",
+    "PGSDropoutSlot",
     "available_backends",
     "resolve_backend",
     "pgs_counts",

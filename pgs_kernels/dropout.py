@@ -20,13 +20,14 @@ _PGS_KWARGS = ("candidate_ratio", "sim_threshold", "edge_weight", "use_ot", "ot_
 
 
 class PGSPatchDropout(nn.Module):
-    r"""Drop the patch tokens PGS selects, keep CLS first and the rest in order.
+    r"""Drop the patch tokens PGS selects, keep the prefix tokens first and the rest in order.
 
     Place it after the positional embedding. In training mode, given ``x``
-    ``(B, 1 + L, D)`` (CLS first, then the ``L = (H/P)(W/P)`` patch tokens in
-    row-major order) and the ``images`` ``(B, C, H, W)`` it came from, it
-    returns ``(B, 1 + K, D)``: ``x[:, :1]`` then ``x[:, 1:]`` gathered at
-    ``pgs_select(images, x[:, 1:].detach(), ...).keep_idx``, with
+    ``(B, n + L, D)`` (``n = num_prefix_tokens`` prefix tokens first: CLS,
+    register tokens; then the ``L = (H/P)(W/P)`` patch tokens in row-major
+    order) and the ``images`` ``(B, C, H, W)`` it came from, it returns
+    ``(B, n + K, D)``: ``x[:, :n]`` then ``x[:, n:]`` gathered at
+    ``pgs_select(images, x[:, n:].detach(), ...).keep_idx``, with
     ``K = max(1, int(L (1 - mask_ratio)))``. Gradients flow to the kept
     tokens (a gather); the selection itself is not differentiated. In eval
     mode, or with ``mask_ratio = 0``, it is the identity.
@@ -34,14 +35,16 @@ class PGSPatchDropout(nn.Module):
     The token similarity weight ``α = token_weight`` follows the published
     schedule ``α = epoch / epochs`` with :meth:`set_epoch`; it is saved in
     ``state_dict()`` (buffer ``token_weight_state``), so a resumed run resumes
-    the schedule. The remaining keyword arguments are those of
-    :func:`pgs_kernels.pgs_select` (``candidate_ratio``, ``sim_threshold``,
-    ``edge_weight``, ``use_ot``, ``ot_reg``, ``ot_iters``, ``validate``),
-    checked here, in the constructor.
+    the schedule, unless ``save_schedule=False`` (what :func:`pgs_kernels.use_pgs`
+    uses, so that a model's checkpoint keys stay as they were). The remaining
+    keyword arguments are those of :func:`pgs_kernels.pgs_select`
+    (``candidate_ratio``, ``sim_threshold``, ``edge_weight``, ``use_ot``,
+    ``ot_reg``, ``ot_iters``, ``validate``), checked here, in the constructor.
     """
 
     def __init__(self, mask_ratio: float = 0.5, patch_size: int = 16, token_weight: float = 0.0,
-                 backend: str = "auto", **pgs_kwargs):
+                 backend: str = "auto", *, num_prefix_tokens: int = 1, save_schedule: bool = True,
+                 **pgs_kwargs):
         super().__init__()
         for name in pgs_kwargs:
             if name in ("tokens", "noise", "return_scores", "images", "generator"):
@@ -54,10 +57,17 @@ class PGSPatchDropout(nn.Module):
         self.patch_size = p["patch_size"]
         self.backend = check_backend_name(backend)
         self.pgs_kwargs = {name: p[name] for name in pgs_kwargs}
+        if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, numbers.Integral) \
+                or num_prefix_tokens < 0:
+            raise ValueError(f"num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
+        self.num_prefix_tokens = int(num_prefix_tokens)
+        if not isinstance(save_schedule, bool):
+            raise TypeError(f"save_schedule must be a bool, got {type(save_schedule).__name__}")
         # A float for the hot path (reading a tensor would sync with the GPU)
-        # and a buffer, so that the schedule is saved with the model.
+        # and, where asked, a buffer, so that the schedule is saved with the model.
         self._token_weight = p["token_weight"]
-        self.register_buffer("token_weight_state", torch.tensor(self._token_weight, dtype=torch.float64))
+        if save_schedule:
+            self.register_buffer("token_weight_state", torch.tensor(self._token_weight, dtype=torch.float64))
         self.last_selection = None  # the most recent PGSSelection, for logging
 
     @property
@@ -67,7 +77,8 @@ class PGSPatchDropout(nn.Module):
     @token_weight.setter
     def token_weight(self, value: float) -> None:
         self._token_weight = check_params(token_weight=value)["token_weight"]
-        self.token_weight_state.fill_(self._token_weight)
+        if hasattr(self, "token_weight_state"):
+            self.token_weight_state.fill_(self._token_weight)
 
     def set_epoch(self, epoch: float, epochs: float) -> None:
         """The published schedule: ``token_weight = epoch / epochs``, clamped to ``[0, 1]``."""
@@ -84,12 +95,14 @@ class PGSPatchDropout(nn.Module):
             self._token_weight = float(self.token_weight_state)
 
     def extra_repr(self) -> str:
+        prefix = f", num_prefix_tokens={self.num_prefix_tokens}" if self.num_prefix_tokens != 1 else ""
         return (f"mask_ratio={self.mask_ratio}, patch_size={self.patch_size}, "
-                f"token_weight={self.token_weight}, backend={self.backend!r}")
+                f"token_weight={self.token_weight}, backend={self.backend!r}{prefix}")
 
     def _check_inputs(self, x, images) -> None:
+        n = self.num_prefix_tokens
         if not isinstance(x, Tensor) or x.dim() != 3:
-            raise ValueError(f"x must be a (B, 1 + L, D) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+            raise ValueError(f"x must be a (B, {n} + L, D) tensor, got {getattr(x, 'shape', type(x).__name__)}")
         if not isinstance(images, Tensor) or images.dim() != 4:
             raise ValueError(
                 f"images must be a (B, C, H, W) tensor, got {getattr(images, 'shape', type(images).__name__)}")
@@ -100,17 +113,19 @@ class PGSPatchDropout(nn.Module):
         if H % P or W % P:
             raise ValueError(f"images: H={H}, W={W} is not divisible by patch_size={P}")
         L = (H // P) * (W // P)
-        if x.shape[1] != 1 + L:
-            hint = " (no CLS token?)" if x.shape[1] == L else ""
+        if x.shape[1] != n + L:
+            prefix = "CLS" if n == 1 else f"{n} prefix tokens"
+            hint = " (no CLS token?)" if (n == 1 and x.shape[1] == L) else ""
             raise ValueError(
-                f"x must hold CLS then the L={L} patch tokens of {H}x{W} images at patch_size={P}, i.e. "
-                f"1 + L = {1 + L} tokens, got {x.shape[1]}{hint}; is patch_size the ViT's patch size?")
+                f"x must hold {prefix} then the L={L} patch tokens of {H}x{W} images at patch_size={P}, i.e. "
+                f"{n} + L = {n + L} tokens, got {x.shape[1]}{hint}; is patch_size the ViT's patch size?")
 
     def forward(self, x: Tensor, images: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         self._check_inputs(x, images)
         if not self.training or self.mask_ratio == 0.0:
             return x
-        patches = x[:, 1:]
+        n = self.num_prefix_tokens
+        patches = x[:, n:]
         sel = pgs_select(
             images,
             patches.detach() if self.token_weight > 0 else None,
@@ -123,4 +138,4 @@ class PGSPatchDropout(nn.Module):
         )
         self.last_selection = sel
         idx = sel.keep_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-        return torch.cat([x[:, :1], torch.gather(patches, 1, idx)], dim=1)
+        return torch.cat([x[:, :n], torch.gather(patches, 1, idx)], dim=1)

@@ -238,3 +238,14 @@ def test_autocast_does_not_lower_the_math():
     with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
         auto = pgs_select(x, t, **kw)
     assert torch.equal(plain.redundancy, auto.redundancy) and torch.equal(plain.mask, auto.mask)
+
+
+def test_import_pgs_kernels_imports_no_optional_library():
+    """The reference and the integrations' libraries load only when used."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pgs_kernels; bad = {'open_clip', 'timm', 'torchvision', 'python_ref'} & set(sys.modules); "
+            "assert not bad, bad")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -173,3 +173,17 @@ def test_quality_scores_count_shared_captions_as_hits():
     # images 0 and 1 share a caption: swapping their texts still hits
     assert retrieval_r1(img, txt, ["a", "a", "b"]) == {"i2t_r1": 1.0, "t2i_r1": 1.0}
     assert retrieval_r1(img, txt, ["a", "c", "b"]) == pytest.approx({"i2t_r1": 1 / 3, "t2i_r1": 1 / 3})
+
+
+def test_outputs_go_to_an_untracked_folder_unless_refreshed(monkeypatch):
+    from bench import common
+
+    monkeypatch.setattr(common, "_refresh", False)  # --refresh below sets it for the process
+    p = common.argument_parser("doc")
+    p.add_argument("--out", default=common.result_path("a.json"))
+    assert p.parse_args([]).out == os.path.join(ROOT, "bench", "out", "a.json")
+    assert p.parse_args(["--out", "/tmp/x.json", "--refresh"]).out == "/tmp/x.json"
+    assert p.parse_args(["--refresh"]).out == os.path.join(ROOT, "bench", "results", "a.json")
+    assert common.result_path("b.json") == os.path.join(ROOT, "bench", "results", "b.json")
+    ignored = subprocess.run(["git", "check-ignore", "-q", "bench/out/a.json"], cwd=ROOT)
+    assert ignored.returncode == 0, "bench/out/ must be ignored by git"

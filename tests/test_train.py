@@ -207,3 +207,41 @@ def test_csv_missing_and_unreadable(tmp_path):
         CsvCaptions(str(csv_path), caption_key="caption")
     with pytest.raises(FileNotFoundError, match="absent.csv"):
         CsvCaptions(str(tmp_path / "absent.csv"))
+
+
+def _open_clip_imports() -> bool:
+    try:
+        import open_clip  # noqa: F401
+    except Exception:  # torchvision beside a CPU-only torch raises RuntimeError
+        return False
+    return True
+
+
+needs_open_clip = pytest.mark.skipif(not _open_clip_imports(), reason="open_clip does not import here "
+                                     "(requirements-cuda.txt has it)")
+
+
+@needs_open_clip
+def test_open_clip_model_trains_through_use_pgs(tmp_path):
+    """open_clip's ViT-S-32 in the trainer: PGS through use_pgs, unmasked tuning at the end, the schedule."""
+    model, log = fit(parse_args(["--model", "open_clip:ViT-S-32", "--mask", "pgs", "--steps", "3", "--epochs", "3",
+                                 "--unmasked-steps", "1", "--batch-size", "2", "--no-progress", "--device", "cpu",
+                                 "--warmup", "1"]), verbose=False)
+    assert [s["tokens"] for s in log["steps"]] == [25, 25, 50]  # 1 + 24 of 49 patches, then all
+    assert [s["token_weight"] for s in log["steps"]][:2] == [0.0, 1 / 3]
+    assert all(math.isfinite(s["loss"]) for s in log["steps"])
+    assert model.visual.mask == "pgs"
+    assert isinstance(model.inner.visual.patch_dropout, __import__("pgs_kernels").PGSDropoutSlot)
+
+
+@needs_open_clip
+def test_open_clip_throughput_runs(tmp_path):
+    from bench.clip import throughput
+
+    out = tmp_path / "t.json"
+    rep = throughput.run(throughput.parse_args(["--device", "cpu", "--model", "open_clip:ViT-S-32", "--batch-size",
+                                                "2", "--steps", "1", "--repeats", "1", "--warmup", "0", "--modes", "none,random,pgs",
+                                                "--out", str(out)]))
+    assert [r["mode"] for r in rep["rows"]] == ["none", "random", "pgs"]
+    assert [r["tokens"] for r in rep["rows"]] == [50, 25, 25]
+    assert json.loads(out.read_text())["model"] == "open_clip:ViT-S-32"

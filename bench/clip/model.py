@@ -288,8 +288,33 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
+def check_model_name(name: str) -> str:
+    """A config of this module (``tiny``, ``small``, ``vit-b-16``) or
+    ``open_clip:<arch>`` (open_clip's own model, masked through ``use_pgs``)."""
+    if name in CONFIGS or (name.startswith("open_clip:") and len(name) > len("open_clip:")):
+        return name
+    raise ValueError(f"model must be one of {sorted(CONFIGS)} or open_clip:<arch> (e.g. open_clip:ViT-B-16), "
+                     f"got {name!r}")
+
+
+def model_arg(text: str) -> str:
+    """``--model`` of the scripts."""
+    import argparse
+
+    try:
+        return check_model_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_model(name: str = "tiny", mask: str = "none", mask_ratio: float = 0.5,
-                grad_checkpointing: bool = False, **pgs_kwargs) -> CLIP:
+                grad_checkpointing: bool = False, **pgs_kwargs):
+    """The CLIP ``name`` says: this module's, or open_clip's behind the same
+    interface (bench/clip/open_clip_model.py)."""
+    if check_model_name(name).startswith("open_clip:"):
+        from bench.clip.open_clip_model import build_open_clip
+
+        return build_open_clip(name, mask, mask_ratio, grad_checkpointing, **pgs_kwargs)
     model = CLIP(get_config(name), mask, mask_ratio, **pgs_kwargs)
     model.set_grad_checkpointing(grad_checkpointing)
     return model
@@ -306,5 +331,5 @@ def param_groups(model: nn.Module, weight_decay: float):
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def config_dict(model: CLIP) -> dict:
-    return asdict(model.cfg)
+def config_dict(model) -> dict:
+    return asdict(model.cfg) if isinstance(model, CLIP) else dict(vars(model.cfg))

@@ -35,7 +35,9 @@ from contextlib import nullcontext
 import torch
 
 from bench.clip.data import SyntheticScenes
-from bench.clip.model import MASK_MODES, CONFIGS, build_model, clip_loss, param_groups
+from bench.clip.model import MASK_MODES, CONFIGS, build_model, clip_loss, model_arg, param_groups
+from bench.clip.open_clip_model import MASK_MODES as OPEN_CLIP_MODES
+from bench.clip.open_clip_model import is_open_clip_name
 from bench.clip.train import peak_memory_mb, pgs_backend
 from bench.common import (LoadRecord, SectionTimer, argument_parser, device_slug, environment, out_help,
                           pick_device, result_path, sync, write_result)
@@ -46,12 +48,15 @@ TARGETS = {"tower_pgs_vs_none_min": 1.9, "step_pgs_vs_none_min": 1.6, "step_pgs_
 def parse_args(argv=None):
     p = argument_parser(__doc__)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--model", default=None, choices=sorted(CONFIGS), help="default: vit-b-16 on CUDA, tiny on CPU")
+    p.add_argument("--model", default=None, type=model_arg,
+                   help=f"{', '.join(sorted(CONFIGS))} or open_clip:<arch>, e.g. open_clip:ViT-B-16 (open_clip's "
+                        "model masked through use_pgs); default: vit-b-16 on CUDA, tiny on CPU")
     p.add_argument("--batch-size", type=int, default=None, help="default: 256 on CUDA, 64 on CPU")
     p.add_argument("--mask-ratio", type=float, default=0.5)
     p.add_argument("--token-weight", type=float, default=0.5,
                    help="PGS/published token weight during the runs (mid-schedule, so token similarity is on)")
-    p.add_argument("--modes", default=",".join(MASK_MODES))
+    p.add_argument("--modes", default=None,
+                   help=f"default: {','.join(MASK_MODES)} (open_clip: {','.join(OPEN_CLIP_MODES)})")
     p.add_argument("--warmup", type=int, default=None, help="default: 5 on CUDA, 3 on CPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps per round (default 20)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 3)")
@@ -100,10 +105,11 @@ def run(args) -> dict:
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 3)
     steps = args.steps or 20
     repeats = args.repeats or 3
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    allowed = OPEN_CLIP_MODES if is_open_clip_name(name) else MASK_MODES
+    modes = [m.strip() for m in (args.modes or ",".join(allowed)).split(",") if m.strip()]
     for m in modes:
-        if m not in MASK_MODES:
-            raise SystemExit(f"--modes: unknown mode {m!r}; choose from {MASK_MODES}")
+        if m not in allowed:
+            raise SystemExit(f"--modes: unknown mode {m!r} for {name}; choose from {allowed}")
     bf16 = args.precision == "bf16" or (args.precision == "auto" and cuda)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True

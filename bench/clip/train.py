@@ -36,13 +36,14 @@ from contextlib import nullcontext
 import torch
 
 from bench.clip.data import batches, make_dataset, steps_per_epoch
-from bench.clip.model import MASK_MODES, CONFIGS, build_model, clip_loss, config_dict, param_groups
+from bench.clip.model import MASK_MODES, CONFIGS, build_model, clip_loss, config_dict, model_arg, param_groups
 from bench.common import LoadRecord, SectionTimer, argument_parser, environment, pick_device, write_result
 
 
 def parse_args(argv=None):
     p = argument_parser(__doc__)
-    p.add_argument("--model", default="tiny", choices=sorted(CONFIGS))
+    p.add_argument("--model", default="tiny", type=model_arg,
+                   help=f"{', '.join(sorted(CONFIGS))} or open_clip:<arch> (open_clip's model through use_pgs)")
     p.add_argument("--mask", default="pgs", choices=MASK_MODES)
     p.add_argument("--mask-ratio", type=float, default=0.5)
     p.add_argument("--epochs", type=int, default=1)
