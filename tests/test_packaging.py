@@ -25,17 +25,21 @@ import zipfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Build products and caches of a working checkout: never part of a source tree to package.
-NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.so", "*.o",
-                                    "_build_info.json", ".pytest_cache", ".hypothesis", ".benchmarks", "demo_out",
-                                    "results", "data")
+# Build products, caches and results of a working checkout (hidden folders such
+# as .venv and .git included): never part of a source tree to package.
+_PRODUCTS = shutil.ignore_patterns("build", "dist", "*.egg-info", "__pycache__", "*.so", "*.o", "_build_info.json",
+                                   "demo_out", "results", "data")
+
+
+def not_source(folder, names):
+    return {n for n in names if n.startswith(".")} | _PRODUCTS(folder, names)
 # What the build reads besides csrc/ (setup.py, its configuration, the readme and license it packages).
 BUILD_INPUTS = ["setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE"]
 
 
 def copy_project(dst, csrc=None):
     """The project's sources in ``dst``; ``csrc``: the csrc/ files to copy (default all)."""
-    shutil.copytree(ROOT, dst, ignore=NOT_SOURCE)
+    shutil.copytree(ROOT, dst, ignore=not_source)
     if csrc is not None:
         shutil.rmtree(os.path.join(dst, "csrc"))
         os.makedirs(os.path.join(dst, "csrc"))
@@ -216,7 +220,7 @@ def import_warning(pkg_root):
 @pytest.mark.parametrize("record", ["no compiler", "built for another torch", "none"])
 def test_import_warning_says_why_C_is_missing(tmp_path, record):
     for pkg in ("pgs_kernels", "python_ref"):
-        shutil.copytree(os.path.join(ROOT, pkg), tmp_path / pkg, ignore=NOT_SOURCE)
+        shutil.copytree(os.path.join(ROOT, pkg), tmp_path / pkg, ignore=not_source)
     info_path = tmp_path / "pgs_kernels" / "_build_info.json"
     if record == "no compiler":
         info_path.write_text(json.dumps({"native": "skipped", "reason": "no C++ compiler: c++ not found",
