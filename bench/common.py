@@ -16,6 +16,7 @@ Result JSON (one object per file, written by :func:`write_result`)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -175,6 +176,18 @@ def script_name() -> str:
     """``bench.micro`` when run with ``-m``, else the file's name."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     return spec.name if spec is not None and spec.name else os.path.basename(sys.argv[0]) or "bench"
+
+
+@contextlib.contextmanager
+def tf32_flags_restored():
+    """The TF32 flags (``torch.backends.cuda.matmul.allow_tf32``,
+    ``torch.backends.cudnn.allow_tf32``) as they were on entry, restored on
+    exit, whatever the body set them to. They are settable without CUDA."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def sync(device: torch.device) -> None:

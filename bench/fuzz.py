@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -86,9 +86,12 @@ def _layout(g, x: torch.Tensor, kind: str) -> torch.Tensor:
     return x.contiguous()
 
 
-def make_case(seed: int, max_patches: int = 64, beyond: bool = True) -> Case:
+def make_case(seed: int, max_patches: int = 64, beyond: bool = True,
+              ot_iters_from: Optional[Sequence[int]] = None) -> Case:
     """The case of ``seed`` (module docstring). ``max_patches`` bounds ``L``;
-    ``beyond`` allows NaN/Inf and out-of-range magnitudes."""
+    ``beyond`` allows NaN/Inf and out-of-range magnitudes; ``ot_iters_from``
+    replaces the drawn ``ot_iters`` by one of a few values (the rest of the
+    case is the same)."""
     g = torch.Generator().manual_seed(seed)
     P = _choice(g, (2, 3, 4, 8, 8, 14, 16, 16, 32))
     while True:
@@ -131,6 +134,8 @@ def make_case(seed: int, max_patches: int = 64, beyond: bool = True) -> Case:
         ot_reg=_choice(g, (0.05, 0.05, 0.05, 10.0 ** _uniform(g, -4.0, 0.0))),
         ot_iters=_choice(g, (20, 20, 1, 5, int(torch.randint(1, 301, (1,), generator=g)))),
     )
+    if ot_iters_from:  # compiled, every new ot_iters is a new kernel (T is a compile-time constant)
+        opts["ot_iters"] = ot_iters_from[seed % len(ot_iters_from)]
     tokens = None
     if float(torch.rand((), generator=g)) < 0.5:
         tdt = _choice(g, ("fp32", "bf16", "fp16", "fp64"))
@@ -184,15 +189,15 @@ def reference_answer(case: Case):
 
 
 def fuzz(backends: List[str], seconds: float, seed0: int = 0, max_cases: Optional[int] = None,
-         max_patches: int = 64, log=print) -> Dict:
+         max_patches: int = 64, log=print, ot_iters_from: Optional[Sequence[int]] = None) -> Dict:
     """Run cases from ``seed0`` on until ``seconds`` pass or ``max_cases``
-    are done; return the counts and findings."""
+    are done; return the counts and findings. ``ot_iters_from``: see :func:`make_case`."""
     counts = {b: {"cases": 0, **{c: 0 for c in CATEGORIES}} for b in backends}
     findings = []
     t0 = time.monotonic()
     seed = seed0
     while time.monotonic() - t0 < seconds and (max_cases is None or seed - seed0 < max_cases):
-        case = make_case(seed, max_patches)
+        case = make_case(seed, max_patches, ot_iters_from=ot_iters_from)
         ref = reference_answer(case) if case.finite else None
         for b in backends:
             counts[b]["cases"] += 1
@@ -213,6 +218,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="first case's seed")
     ap.add_argument("--backends", nargs="+", help="default: every backend usable on CPU but the interpreter")
     ap.add_argument("--max-patches", type=int, default=64)
+    ap.add_argument("--ot-iters", type=int, nargs="+", help="ot_iters from these values only (as the CUDA test does)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=result_path("fuzz-cpu.json"), help=out_help("fuzz-cpu.json"))
     args = ap.parse_args(argv)
@@ -223,7 +229,7 @@ def main(argv=None) -> int:
     print(f"fuzzing {', '.join(backends)} against the fp64 reference for {args.seconds:g} s "
           f"from seed {args.seed} (commit {env['commit'][:12]})", flush=True)
     res = fuzz(backends, args.seconds, args.seed, args.cases, args.max_patches,
-               log=lambda s: print(s, flush=True))
+               log=lambda s: print(s, flush=True), ot_iters_from=args.ot_iters)
     doc = {**env, "load": load.finish(), **res, "findings": res["findings"][:500]}
     print(f"\n{res['seed_end'] - res['seed_start']} cases in {res['seconds']} s")
     for b, c in res["counts"].items():

@@ -6,7 +6,10 @@
 #   smoke     python -m bench.gpu_smoke: compile, registers as loaded, agreement with
 #             the fp64 reference, invariants, layouts, timing (2 min)
 #   tests     the test suite with CUDA present (Triton compiled, CUDA graphs,
-#             torch.compile); a JUnit XML and a JSON summary
+#             torch.compile), the slow packaging test left out; each test's outcome
+#             as a JSON line the moment it ends (gpu-tests-DEV.jsonl), a JUnit XML at
+#             the end, and a JSON summary made from the JSON lines even after a timeout
+#             (which test was running when it hit, the slowest tests)
 #   memcheck  compute-sanitizer memcheck on one fused call (both launches)
 #   micro     python -m bench.micro, ViT-B/16 preset, 300 s time limit
 #   train     python -m bench.clip.throughput
@@ -28,7 +31,7 @@ while [ $# -gt 0 ]; do
     --out) OUT_DIR=$2; shift 2 ;;
     --out=*) OUT_DIR=${1#--out=}; shift ;;
     smoke|tests|memcheck|micro|train) PARTS+=("$1"); shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0"; exit 0 ;;  # the comment block above
     *) echo "gpu_suite: unknown argument '$1' (parts: smoke tests memcheck micro train; --out DIR)" >&2; exit 2 ;;
   esac
 done
@@ -68,30 +71,12 @@ run_part() {  # run_part NAME EXPECTED_FILE COMMAND...
 }
 
 tests_part() {
+  rm -f "$OUT_DIR/gpu-tests-$DEV.jsonl"  # a summary must never come from an earlier run's log
   if [ "${BUILD_NATIVE:-0}" = 1 ]; then
     $PY setup.py build_ext --inplace -q || return 1
   fi
-  local xml="$OUT_DIR/gpu-tests-$DEV.xml" rc
-  $PY -m pytest tests -q -p no:cacheprovider --junitxml="$xml"
-  rc=$?
-  $PY - "$xml" "$OUT_DIR/gpu-tests-$DEV.json" <<'EOF'
-import json, subprocess, sys, xml.etree.ElementTree as ET
-import torch
-try:
-    import triton; tv = triton.__version__
-except ImportError:
-    tv = None
-root = ET.parse(sys.argv[1]).getroot()
-suite = root if root.tag == "testsuite" else root.find("testsuite")
-counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-failed = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
-          if c.find("failure") is not None or c.find("error") is not None]
-commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
-json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": tv,
-           "commit": commit, **counts, "failed": failed}, open(sys.argv[2], "w"), indent=1)
-print(open(sys.argv[2]).read())
-EOF
-  return $rc
+  $PY -m pytest tests -q -p no:cacheprovider -m "not slow" -p bench.pytest_log \
+    --log-jsonl "$OUT_DIR/gpu-tests-$DEV.jsonl" --junitxml="$OUT_DIR/gpu-tests-$DEV.xml"
 }
 
 memcheck_part() {
@@ -116,7 +101,10 @@ export -f tests_part memcheck_part
 for part in "${PARTS[@]}"; do
   case "$part" in
     smoke) run_part smoke "$OUT_DIR/gpu-smoke-$DEV.json" $PY -m bench.gpu_smoke --out "$OUT_DIR" ;;
-    tests) run_part tests "$OUT_DIR/gpu-tests-$DEV.json" bash -c tests_part ;;
+    tests) run_part tests "$OUT_DIR/gpu-tests-$DEV.jsonl" bash -c tests_part
+           # Outside the part's time limit: a timed-out run gets its summary too.
+           $PY -m bench.pytest_log "$OUT_DIR/gpu-tests-$DEV.jsonl" --out "$OUT_DIR/gpu-tests-$DEV.json" \
+             --status "${STATUS[tests]}" || echo "!!! tests: no summary written" ;;
     memcheck) run_part memcheck "$OUT_DIR/gpu-memcheck-$DEV.log" bash -c memcheck_part ;;
     micro) run_part micro "$OUT_DIR/micro-vit-b16-$DEV.json" \
              $PY -m bench.micro --device cuda --preset vit-b16 --time-limit 300 --out "$OUT_DIR/micro-vit-b16-$DEV.json" ;;

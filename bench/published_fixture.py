@@ -39,6 +39,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import types
@@ -621,6 +622,10 @@ def main(argv=None) -> None:
     if args.fixture:
         write_fixture(cls, args.official)
         return
+    if shutil.which("git") is None:
+        raise SystemExit(f"published_fixture --compare reads the port before it was made faithful from git history "
+                         f"(git show {args.old_rev}:python_ref/published.py) and git is not on PATH: "
+                         "run it in a git checkout with git installed")
     load_start = list(os.getloadavg())
     commit = git_commit(_ROOT)
     dirty = bool(subprocess.check_output(["git", "-C", _ROOT, "status", "--porcelain", "--", "python_ref",

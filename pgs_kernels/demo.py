@@ -15,6 +15,7 @@ its random mask and its PGS mask, dropped patches in grey. Needs the
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import statistics
 import time
@@ -25,6 +26,37 @@ import python_ref
 from pgs_kernels import available_backends, pgs_select, samples
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+
+#: What the ``demo`` extra installs: distribution -> the module the demo imports from it
+#: (skimage.io: the photos load through it, and it pulls in scipy).
+DEMO_EXTRA = {"numpy": "numpy", "matplotlib": "matplotlib.pyplot", "scikit-image": "skimage.io"}
+
+
+def missing_demo_modules():
+    """The modules the demo needs that do not import here, by the name that
+    failed (a dependency of the one asked for, where that is what is missing),
+    with the distribution's name where it is one of the extra's."""
+    dists = {module.split(".")[0]: dist for dist, module in DEMO_EXTRA.items()}
+    missing = []
+    for module in DEMO_EXTRA.values():
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            top = (exc.name or module).split(".")[0]
+            missing.append(dists.get(top, top))
+    return list(dict.fromkeys(missing))
+
+
+def require_demo_extra():
+    """Ends the demo with a message naming the extra, not a traceback from
+    deep inside, when a module it draws with is missing."""
+    missing = missing_demo_modules()
+    if missing:
+        raise SystemExit(
+            f"pgs_kernels.demo: the demo needs the [demo] extra ({', '.join(DEMO_EXTRA)}); "
+            f"missing here: {', '.join(missing)}. Install it with: pip install 'pgs-kernels[demo]' "
+            f"(or: pip install {' '.join(missing)})"
+        )
 
 
 def load_photos(size: int = 224):
@@ -104,6 +136,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--synthetic", type=int, default=3, help="number of synthetic scenes")
     args = ap.parse_args(argv)
+    require_demo_extra()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     photos, photos_rgb, photo_names = load_photos()

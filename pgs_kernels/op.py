@@ -20,6 +20,8 @@ host sync.
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import warnings
 
 import torch
@@ -43,7 +45,7 @@ try:  # the native build registers the CPU kernel
 
     NATIVE_AVAILABLE = True
     NATIVE_ERROR = None
-except ImportError as exc:  # no compiler at install time, or a broken build
+except ImportError as exc:  # installed without it (setup.py records why), or built for another torch
     _C = None
     NATIVE_AVAILABLE = False
     NATIVE_ERROR = exc
@@ -75,13 +77,32 @@ def triton_kernel(*args):
     return pgs_select_triton(*args)
 
 
-if not NATIVE_AVAILABLE:
-    warnings.warn(
-        f"pgs_kernels: the native CPU kernel is not built ({NATIVE_ERROR}); CPU tensors use the "
-        "pure-PyTorch reference. Reinstall with a C++ compiler present to build it.",
-        RuntimeWarning,
-        stacklevel=2,
+def native_missing_message(error: ImportError) -> str:
+    """Why the CPU kernel is the reference here: the ImportError, and what
+    setup.py recorded of the build in ``_build_info.json``."""
+    try:
+        with open(os.path.join(os.path.dirname(__file__), "_build_info.json")) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        info = {}
+    error = f"{type(error).__name__}: {error}"
+    if info.get("native") == "skipped":
+        why = f"is not built: the package was installed without it ({info.get('reason')}) [{error}]"
+    elif info.get("native") == "built":
+        why = (f"was built, against torch {info.get('torch')}, but does not load under torch {torch.__version__} "
+               f"({error})")
+    else:
+        why = f"does not import ({error}), and no build of it is recorded here"
+    return (
+        f"pgs_kernels: the native CPU kernel {why}. CPU tensors use the pure-PyTorch reference. To build it, "
+        "with a C++ compiler present and PGS_NO_NATIVE unset, reinstall from source: pip install "
+        "--no-build-isolation --no-deps --force-reinstall <sdist or checkout> (in a checkout: "
+        "python setup.py build_ext --inplace)."
     )
+
+
+if not NATIVE_AVAILABLE:
+    warnings.warn(native_missing_message(NATIVE_ERROR), RuntimeWarning, stacklevel=2)
     _lib.impl("pgs_select", reference_kernel, "CPU")
 
 if TRITON_AVAILABLE:

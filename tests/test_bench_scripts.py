@@ -187,3 +187,71 @@ def test_outputs_go_to_an_untracked_folder_unless_refreshed(monkeypatch):
     assert common.result_path("b.json") == os.path.join(ROOT, "bench", "results", "b.json")
     ignored = subprocess.run(["git", "check-ignore", "-q", "bench/out/a.json"], cwd=ROOT)
     assert ignored.returncode == 0, "bench/out/ must be ignored by git"
+
+
+def test_git_commit_is_unknown_without_git(tmp_path):
+    """Results record commit "unknown" where git is missing, instead of crashing before they are written."""
+    env = dict(os.environ, PATH=str(tmp_path))  # an empty folder: no git on PATH
+    res = subprocess.run([sys.executable, "-c", "from bench.common import git_commit; print(git_commit())"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "unknown"
+
+
+TESTS_CUT_SHORT = '''
+import time
+import pytest
+
+@pytest.fixture
+def broken():
+    raise RuntimeError("fixture broke")
+
+def test_passes():
+    pass
+
+def test_fails():
+    assert 1 == 2, "one is not two"
+
+def test_skips():
+    pytest.skip("not here")
+
+def test_errors(broken):
+    pass
+
+def test_hangs():
+    time.sleep(120)
+'''
+
+
+def test_pytest_log_keeps_the_results_of_a_run_cut_short(tmp_path):
+    """The GPU suite's tests part: each outcome is on disk as its test ends, and
+    the summary comes from whatever is there when a time limit kills the run,
+    naming the test it cut (and commit "unknown" where git is missing)."""
+    (tmp_path / "test_cut.py").write_text(TESTS_CUT_SHORT)
+    log = tmp_path / "log.jsonl"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "bench.pytest_log",
+                             "--log-jsonl", str(log), "test_cut.py"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while "test_hangs" not in (log.read_text() if log.exists() else ""):
+            assert time.monotonic() < deadline and proc.poll() is None, "pytest did not reach test_hangs"
+            time.sleep(0.2)
+        proc.terminate()  # as `timeout` does
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    out = tmp_path / "summary.json"
+    res = subprocess.run([sys.executable, "-m", "bench.pytest_log", str(log), "--out", str(out),
+                          "--status", "timed out after 480s"], cwd=ROOT, env=dict(os.environ, PATH=str(tmp_path)),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(out.read_text())
+    assert not doc["complete"] and doc["status"] == "timed out after 480s" and doc["commit"] == "unknown"
+    assert (doc["tests"], doc["passed"], doc["failed"], doc["skipped"], doc["error"]) == (4, 1, 1, 1, 1)
+    assert doc["unfinished"] == ["test_cut.py::test_hangs"]
+    failed = {f["nodeid"]: f for f in doc["failed_tests"]}
+    assert "one is not two" in failed["test_cut.py::test_fails"]["message"]
+    assert failed["test_cut.py::test_errors"]["outcome"] == "error"
+    assert "fixture broke" in failed["test_cut.py::test_errors"]["message"]

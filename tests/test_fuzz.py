@@ -32,9 +32,15 @@ def test_cpu_backends_against_fp64(start):
 
 @pytest.mark.skipif("triton" not in pgs_kernels.available_backends(), reason="Triton is not usable here")
 def test_triton_against_fp64_on_tiny_cases():
-    # Interpreted on CPU, a few tiny cases; compiled on CUDA, more.
+    # Interpreted on CPU, a few tiny cases. Compiled on CUDA, every new shape,
+    # dtype or ot_iters is a fresh kernel (0.3-7 s to compile), and the GPU
+    # suite's tests part has 8 minutes for the whole suite: 24 cases (under
+    # 3 minutes of compiling), ot_iters from a few values.
     import torch
 
-    n = 200 if torch.cuda.is_available() else 12
-    res = fuzz(["triton"], seconds=600, seed0=200_000, max_cases=n, max_patches=16)
+    if torch.cuda.is_available():
+        n, ot_iters_from = 24, (1, 5, 20)
+    else:
+        n, ot_iters_from = 12, None
+    res = fuzz(["triton"], seconds=600, seed0=200_000, max_cases=n, max_patches=16, ot_iters_from=ot_iters_from)
     _assert_clean(res)

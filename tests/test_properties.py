@@ -13,9 +13,14 @@ from conftest import DEVICE, assert_valid_selection
 BACKENDS = pgs_kernels.available_backends(DEVICE)
 # Triton under the interpreter is too slow for many examples; it has its own tests.
 FAST_BACKENDS = [b for b in BACKENDS if not (b == "triton" and DEVICE == "cpu")]
+# Compiled on CUDA, every new shape or ot_iters is a fresh Triton kernel (0.3-7 s
+# to compile), and the GPU suite's tests part has 8 minutes for the whole
+# suite: fewer examples there, ot_iters from two values.
+MAX_EXAMPLES = 15 if DEVICE == "cuda" else 60
+OT_ITERS = st.sampled_from([1, 5]) if DEVICE == "cuda" else st.integers(1, 5)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     B=st.integers(1, 3),
     C=st.integers(1, 4),
@@ -28,7 +33,7 @@ FAST_BACKENDS = [b for b in BACKENDS if not (b == "triton" and DEVICE == "cpu")]
     token_weight=st.sampled_from([0.0, 0.3, 1.0]),
     edge_weight=st.sampled_from([0.0, 1.0, 5.0]),
     use_ot=st.booleans(),
-    ot_iters=st.integers(1, 5),
+    ot_iters=OT_ITERS,
     seed=st.integers(0, 2**16),
     backend=st.sampled_from(FAST_BACKENDS),
     special=st.sampled_from(["none", "nan", "inf", "const"]),

@@ -105,6 +105,36 @@ def test_unmasked_steps_show_every_patch_at_the_end(tmp_path):
     assert model.visual.mask == "random" and model.visual.mask_ratio == 0.75
 
 
+def tf32_flags():
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+@pytest.mark.parametrize("flags", [(False, False), (True, True)])
+def test_fit_leaves_the_tf32_flags_as_it_found_them(monkeypatch, flags):
+    """fit turns TF32 on for its CUDA matmuls; a later fp32 reference in the
+    same process (test_triton's torch.bmm) must not inherit it. The flags are
+    settable without CUDA, so on CPU a stand-in training sets them."""
+    import bench.clip.train as train_module
+
+    saved = tf32_flags()
+    try:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+        fit(parse_args(["--model", "tiny", "--mask", "random", "--steps", "2", "--batch-size", "4",
+                        "--no-progress", "--device", DEVICE]), verbose=False)
+        assert tf32_flags() == flags
+
+        def sets_tf32_then_fails(*args):
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not flags[0]
+            raise RuntimeError("training failed")
+
+        monkeypatch.setattr(train_module, "_fit", sets_tf32_then_fails)
+        with pytest.raises(RuntimeError, match="training failed"):
+            fit(parse_args(["--device", "cpu"]))
+        assert tf32_flags() == flags
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def test_lr_schedule():
     assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
     assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)

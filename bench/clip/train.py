@@ -37,7 +37,8 @@ import torch
 
 from bench.clip.data import batches, make_dataset, steps_per_epoch
 from bench.clip.model import MASK_MODES, CONFIGS, build_model, clip_loss, config_dict, model_arg, param_groups
-from bench.common import LoadRecord, SectionTimer, argument_parser, environment, pick_device, write_result
+from bench.common import (LoadRecord, SectionTimer, argument_parser, environment, pick_device,
+                          tf32_flags_restored, write_result)
 
 
 def parse_args(argv=None):
@@ -147,6 +148,13 @@ def fit(args, dataset=None, record_load: bool = True, verbose: bool = True):
     ``record_load`` the log has no load block (a caller that runs many
     trainings records the load once); without ``verbose`` the summary is
     not printed."""
+    # The training turns TF32 on for its CUDA matmuls. The flags are process-wide:
+    # whatever runs next (an fp32 reference in the same test session) must not inherit them.
+    with tf32_flags_restored():
+        return _fit(args, dataset, record_load, verbose)
+
+
+def _fit(args, dataset, record_load, verbose):
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device = setup_distributed(args.device)
