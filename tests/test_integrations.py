@@ -410,3 +410,21 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert torch.equal(r0["params"], r1["params"])  # gradients were averaged: the replicas agree
     assert not torch.equal(r0["keep"], r1["keep"])  # each rank selected for its own images
     assert r0["token_weight"] == r1["token_weight"] == 0.5
+
+
+# --------------------------------------------------------------------------- the README's examples
+
+
+@pytest.mark.skipif(not (HAVE_OPEN_CLIP and HAVE_TIMM), reason="needs open_clip and timm")
+def test_readme_examples_run_as_pasted():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    examples = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "use_pgs(" in b]
+    assert len(examples) == 2
+    for example in examples:
+        scope = {}
+        exec(compile(example, "README.md", "exec"), scope)
+        slots = [m for m in scope["model"].modules() if isinstance(m, PGSDropoutSlot)]
+        assert len(slots) == 1 and slots[0].mask_ratio == 0.5

@@ -40,7 +40,7 @@ from bench.clip.open_clip_model import MASK_MODES as OPEN_CLIP_MODES
 from bench.clip.open_clip_model import is_open_clip_name
 from bench.clip.train import peak_memory_mb, pgs_backend
 from bench.common import (LoadRecord, SectionTimer, argument_parser, device_slug, environment, out_help,
-                          pick_device, result_path, sync, write_result)
+                          pick_device, result_path, sync, tf32_flags_restored, write_result)
 
 TARGETS = {"tower_pgs_vs_none_min": 1.9, "step_pgs_vs_none_min": 1.6, "step_pgs_vs_random_max": 1.02}
 
@@ -95,6 +95,13 @@ def measure(fn, model, device, warmup: int, steps: int):
 
 
 def run(args) -> dict:
+    # TF32 is for this run only: a later fp32 computation in the same process
+    # (a test session) must not inherit it.
+    with tf32_flags_restored():
+        return _run(args)
+
+
+def _run(args) -> dict:
     device = pick_device(args.device)
     cuda = device.type == "cuda"
     if args.threads:
