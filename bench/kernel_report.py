@@ -178,13 +178,20 @@ def compile_launch(kernel, args, meta, arch: str) -> dict:
 
 
 def disassemble(cubin: bytes) -> str:
-    """``nvdisasm -g -c`` of the cubin, with the nvdisasm Triton ships."""
+    """``nvdisasm -g -c`` of the cubin, with the nvdisasm Triton ships (or
+    the one ``TRITON_NVDISASM_PATH`` names)."""
+    nvdisasm = offline_compile.tool_path("nvdisasm")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        return subprocess.run([offline_compile.tool_path("nvdisasm"), "-g", "-c", path], capture_output=True,
-                              text=True, check=True).stdout
+        proc = subprocess.run([nvdisasm, "-g", "-c", path], capture_output=True, text=True)
+    if proc.returncode != 0:
+        # A cubin from a newer ptxas than Triton's nvdisasm (Triton 3.9 ships
+        # nvdisasm 13.1 beside ptxas-blackwell 13.4) may need a newer one.
+        raise RuntimeError(f"{offline_compile.tool_release(nvdisasm)} cannot read the cubin (set "
+                           f"TRITON_NVDISASM_PATH to a newer nvdisasm):\n{proc.stderr[-2000:]}")
+    return proc.stdout
 
 
 def ctas_per_sm(regs: int, num_warps: int, smem: int, arch: str) -> int:

@@ -56,8 +56,9 @@ def triton_version() -> Tuple[int, int]:
 
 def specialize(kernel, args, meta) -> dict:
     """What a CUDA launch of ``kernel(*args, **meta)`` specializes on:
-    ``types`` (name -> type of each argument that stays an argument),
-    ``constants`` (name -> value: the constexprs and the integers equal to 1),
+    ``types`` (name -> type of each non-constexpr argument),
+    ``constants`` (name -> value: the constexprs, the integers equal to 1 and
+    the ``None`` arguments),
     ``divisible`` (indices of the arguments divisible by 16), ``ones``
     (indices of the integers equal to 1) and ``options`` (the rest of
     ``meta``: ``num_warps``, ``num_stages``, ``maxnreg``)."""
@@ -75,18 +76,20 @@ def specialize(kernel, args, meta) -> dict:
         if p.is_constexpr:
             constants[p.name] = v
             continue
-        if p.do_not_specialize:
-            types[p.name] = mangle_type(v)
+        if v is None:  # a null pointer: a constant, named *i8 in the signature up to 3.2
+            types[p.name], constants[p.name] = "*i8", None
             continue
-        if isinstance(v, int) and not isinstance(v, bool) and v == 1:
+        types[p.name] = mangle_type(v)
+        if p.do_not_specialize:
+            continue
+        is_int = isinstance(v, int) and not isinstance(v, bool)
+        if is_int and v == 1:
             ones.add(p.num)
             constants[p.name] = v
-        if hasattr(v, "data_ptr"):
-            if v.data_ptr() % 16 == 0 and not getattr(p, "do_not_specialize_on_alignment", False):
-                divisible.add(p.num)
-        elif isinstance(v, int) and not isinstance(v, bool) and v % 16 == 0:
+        if getattr(p, "do_not_specialize_on_alignment", False):  # the flag exists from 3.2
+            continue
+        if (hasattr(v, "data_ptr") and v.data_ptr() % 16 == 0) or (is_int and v % 16 == 0):
             divisible.add(p.num)
-        types[p.name] = mangle_type(v)
     options = {key: v for key, v in meta.items() if key not in values}
     return dict(types=types, constants=constants, divisible=divisible, ones=ones, options=options)
 
@@ -176,7 +179,7 @@ def parse_ptxas_log(log: str) -> Dict[str, int]:
                 static_shared=int(smem.group(1)) if smem else 0)
 
 
-def ptxas_usage(ptx: str, cubin: bytes, capability: int, options) -> Dict[str, int]:
+def ptxas_usage(ptx: str, cubin: bytes, capability: int, options) -> dict:
     """``ptxas -v`` figures of Triton's compile: ptxas run again on its PTX
     with its command; raises when the cubin differs from Triton's."""
     cmd = ptxas_command(capability, options)
