@@ -2,13 +2,15 @@ r"""Offline report of what the fused Triton kernel costs on a GPU, made without 
 
 For each configuration (image size, patch size, dtypes) and each target
 architecture, the launches that ``pgs_kernels.triton_pgs._launch_plan`` makes
-for batch 256 are compiled ahead of time (Triton's own binder computes the
-specialization a CUDA launch applies: pointer dtypes, 16-byte alignment,
-integer arguments equal to 1 or divisible by 16, the launcher's constexprs),
-and the cubin is read back:
+for batch 256 are compiled ahead of time through ``triton.compile`` with the
+specialization a CUDA launch applies (pointer dtypes, 16-byte alignment,
+integer arguments equal to 1 or divisible by 16, the launcher's constexprs;
+``bench/offline_compile.py``, which does this under every Triton from 3.0 to
+3.9), and the cubin is read back:
 
-* ``regs``, ``spill_bytes`` (spill stores + loads), from ``ptxas -v`` on the
-  PTX Triton produced (same options as Triton's own ptxas call);
+* ``regs``, ``spill_bytes`` (spill stores + loads), from ``ptxas -v``: the
+  ptxas Triton chose (``ptxas-blackwell`` for sm_90 under Triton 3.9) with the
+  options it passed, run again on its PTX, reproducing its cubin byte for byte;
 * ``shared_bytes``: the dynamic shared memory the launch requests;
 * ``ctas_per_sm``: blocks resident per SM, the minimum of the register limit
   (``regs`` rounded up to the 256-register warp allocation unit: warps per SM
@@ -24,9 +26,9 @@ and the cubin is read back:
   (when ``token_weight > 0``) + noise read once, plus every output written
   once (``keep_idx``, ``mask``, ``edge``, ``candidates``, ``redundancy``).
 
-Dynamic instruction count. The SASS (``nvdisasm -g``: every instruction with
-the source line it came from) is cut into basic blocks; natural loops are
-found from the dominator tree (a back edge ``u -> h`` with ``h`` dominating
+Dynamic instruction count. The SASS (``nvdisasm -g``, the one Triton ships:
+every instruction with the source line it came from) is cut into basic
+blocks; natural loops are found from the dominator tree (a back edge ``u -> h`` with ``h`` dominating
 ``u``). A loop's latch branch carries the line of the ``for`` statement it
 closes, which names the source loop. One program of the same launch (same
 constexprs; batch 1, with the launch's ``ITERS``) runs in the Triton
@@ -84,6 +86,7 @@ import sys
 import tempfile
 from typing import Dict, List, Tuple
 
+from bench import offline_compile
 from bench.common import ROOT, argument_parser, git_commit, out_help, result_path, write_result
 
 DEFAULT_OUT = result_path("kernel-sm90.json")
@@ -167,58 +170,28 @@ def _bytes_moved(cfg, batch: int) -> int:
 # ---- compiling -------------------------------------------------------------------------
 
 
-def _nvidia_bin(tool: str) -> str:
-    import triton
-
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{tool} not found at {path}")
-    return path
-
-
-def compile_launch(kernel, args, meta, arch: str):
+def compile_launch(kernel, args, meta, arch: str) -> dict:
     """Compile one launch for ``arch`` with the specialization a CUDA launch
-    computes; returns a dict with the cubin, PTX and Triton's metadata."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
-
-    target = GPUTarget("cuda", ARCHS[arch]["capability"], 32)
-    backend = make_backend(target)
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, specialization, options = binder(*args, **meta)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, meta, bound, specialization, options)
-    src = ASTSource(kernel, signature, constexprs, attrs)
-    ck = triton.compile(src, target=target, options=options.__dict__)
-    return dict(cubin=ck.asm["cubin"], ptx=ck.asm["ptx"], num_warps=ck.metadata.num_warps,
-                shared=ck.metadata.shared, name=ck.metadata.name)
-
-
-def ptxas_usage(ptx: str, arch: str) -> Dict[str, int]:
-    """Registers, spills and static shared memory from ``ptxas -v`` (Triton's options)."""
-    gpu = "sm_90a" if ARCHS[arch]["capability"] == 90 else arch
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        proc = subprocess.run([_nvidia_bin("ptxas"), "-lineinfo", "-v", f"--gpu-name={gpu}", src,
-                               "-o", os.path.join(tmp, "k.o")], capture_output=True, text=True, check=True)
-    log = proc.stderr + proc.stdout
-    regs = int(re.search(r"Used (\d+) registers", log).group(1))
-    st = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    smem = re.search(r"(\d+) bytes smem", log)
-    return dict(regs=regs, spill_bytes=int(st.group(1)) + int(st.group(2)),
-                static_shared=int(smem.group(1)) if smem else 0)
+    computes (bench/offline_compile.py): the cubin, the PTX, Triton's metadata
+    and the ptxas figures of Triton's own ptxas run."""
+    return offline_compile.compile_launch(kernel, args, meta, ARCHS[arch]["capability"])
 
 
 def disassemble(cubin: bytes) -> str:
+    """``nvdisasm -g -c`` of the cubin, with the nvdisasm Triton ships (or
+    the one ``TRITON_NVDISASM_PATH`` names)."""
+    nvdisasm = offline_compile.tool_path("nvdisasm")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        return subprocess.run([_nvidia_bin("nvdisasm"), "-g", "-c", path], capture_output=True, text=True,
-                              check=True).stdout
+        proc = subprocess.run([nvdisasm, "-g", "-c", path], capture_output=True, text=True)
+    if proc.returncode != 0:
+        # A cubin from a newer ptxas than Triton's nvdisasm (Triton 3.9 ships
+        # nvdisasm 13.1 beside ptxas-blackwell 13.4) may need a newer one.
+        raise RuntimeError(f"{offline_compile.tool_release(nvdisasm)} cannot read the cubin (set "
+                           f"TRITON_NVDISASM_PATH to a newer nvdisasm):\n{proc.stderr[-2000:]}")
+    return proc.stdout
 
 
 def ctas_per_sm(regs: int, num_warps: int, smem: int, arch: str) -> int:
@@ -740,11 +713,11 @@ def report_config(cfg, archs, batch: int = BATCH, verbose: bool = False) -> List
         a = ARCHS[arch]
         row = dict(arch=arch, height=size, width=size, patch_size=p, batch=batch, dtype="fp32",
                    tokens_dtype=tdt, token_width=d if tdt else None, launches=len(launches))
+        ptxas = set()
         tot_instr, warp_instr, by_step, by_class, loops_desc = 0.0, 0.0, {}, {}, []
         regs, spills, shared, warps_list, ctas = [], 0, [], [], []
         for n, (kernel, grid, args, meta) in enumerate(launches):
             ck = compile_launch(kernel, args, meta, arch)
-            use = ptxas_usage(ck["ptx"], arch)
             instrs, labels = parse_sass(disassemble(ck["cubin"]))
             ptx_instrs, ptx_labels = parse_ptx(ck["ptx"])
             lt = trace["launches"][n]
@@ -768,11 +741,12 @@ def report_config(cfg, archs, batch: int = BATCH, verbose: bool = False) -> List
                 for cls, names in _CLASSES.items():
                     if op.split(".")[0] in names:
                         by_class[cls] = by_class.get(cls, 0.0) + c * ppi
-            regs.append(use["regs"])
-            spills += use["spill_bytes"]
+            ptxas.add(ck["ptxas"])
+            regs.append(ck["regs"])
+            spills += ck["spill_bytes"]
             shared.append(ck["shared"])
             warps_list.append(ck["num_warps"])
-            ctas.append(ctas_per_sm(use["regs"], ck["num_warps"], ck["shared"] + use["static_shared"], arch))
+            ctas.append(ctas_per_sm(ck["regs"], ck["num_warps"], ck["shared"] + ck["static_shared"], arch))
             loops_desc.append([[ln, round(it, 2), u] for ln, it, u in loop_list])
         issue = batch * warp_instr / (a["sms"] * a["schedulers"] * a["clock_ghz"] * 1e3)
         row.update(
@@ -784,6 +758,7 @@ def report_config(cfg, archs, batch: int = BATCH, verbose: bool = False) -> List
             dyn_instr_by_step={k: round(v) for k, v in by_step.items()},
             dyn_instr_by_class={k: round(v) for k, v in by_class.items()},
             sass_loops=loops_desc,
+            ptxas=", ".join(sorted(ptxas)),
         )
         row["issue_over_bandwidth"] = round(row["issue_floor_us"] / row["bandwidth_floor_us"], 2)
         rows.append(row)

@@ -92,3 +92,27 @@ def test_sass_loop_analysis_on_a_hand_made_listing():
     # outer: 3 iterations; inner: 3 x 8 source iterations, 4 a SASS iteration -> 6
     assert sorted(loops) == sorted([(outer, 3.0, 1.0), (inner, 6.0, 4.0)])
     assert counts[0] == 1 and counts[1] == 3 and counts[2] == 6 and counts[-1] == 1
+
+
+def test_triton_versions_under_this_triton(tmp_path):
+    """bench.triton_versions with no folder measures the Triton of this
+    environment and writes one JSON with its rows and the targets' verdict."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    import triton
+
+    out = tmp_path / "versions.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "bench.triton_versions", "--configs", "64/16:bf16x64",
+                           "--archs", "sm_90", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = json.loads(out.read_text())
+    assert doc["device"] == "offline" and {"torch", "commit", "load", "targets"} <= set(doc)
+    (v,) = doc["versions"]
+    assert v["triton"] == triton.__version__ and not v["errors"]
+    (row,) = v["rows"]
+    assert row["arch"] == "sm_90" and row["config"] == "64/16:bf16x64"
+    assert row["dyn_instr_per_thread"] > 0 and row["issue_floor_us"] > 0
+    assert row["targets_met"] == (row["spill_bytes"] == 0 and row["warps_per_sm"] == 16)
+    assert v["passed"] == row["targets_met"] and (v["triton"] in doc["passed"]) == v["passed"]
+    assert "64/16:bf16x64" in proc.stdout  # the table
