@@ -94,7 +94,9 @@ Workspace make_workspace(const Params& prm, int64_t sc, int64_t sy, Arena& arena
   return ws;
 }
 
-std::string_view dtype_name(at::ScalarType s) { return c10::getDtypeNames(s).first; }
+// A copy: before torch 2.13 getDtypeNames returns std::strings by value, and
+// a view of the temporary would dangle.
+std::string dtype_name(at::ScalarType s) { return std::string(c10::getDtypeNames(s).first); }
 
 // Everything pgs_select checks that needs no look at the values (torch.ops
 // can be called directly), as ValueError / TypeError naming the argument.
