@@ -1,7 +1,8 @@
 """Benchmarks and studies of pgs-kernels, run from the repository root as
 modules (``python -m bench.<name>``); each writes its JSON into
-``bench/results/`` unless told ``--out``, and ``python -m bench.plot`` draws
-the figures from those files.
+``bench/out/`` (untracked) unless told ``--out``, or into ``bench/results/``
+(the committed figures) with ``--refresh``; ``python -m bench.plot`` draws
+the figures from the committed files.
 
 * ``micro``         cost per call of the fused op against its baselines;
 * ``native_speed``  the native CPU kernel against the reference;

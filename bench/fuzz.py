@@ -23,8 +23,8 @@ category:
 * ``candidates``, ``selection``: different on a row decided by more than ``1e-4``;
 * ``near_tie`` (allowed, counted): different on an undecided row.
 
-Writes ``bench/results/fuzz-cpu.json`` (overwritten; ``--out`` to write
-elsewhere) with the counts per backend and every finding's seed::
+Writes ``bench/out/fuzz-cpu.json`` (overwritten; ``--refresh`` for
+``bench/results/``, ``--out`` for elsewhere) with the counts per backend and every finding's seed::
 
     python -m bench.fuzz --seconds 600          # about 10 minutes on CPU
     python -m bench.fuzz --seed 1234 --cases 1  # replay one case

@@ -1,6 +1,6 @@
 """First look at the fused Triton kernel on a GPU, in under two minutes.
 
-    python -m bench.gpu_smoke [--out bench/results/]
+    python -m bench.gpu_smoke [--out DIR] [--refresh]
 
 Sections, each written into ``<out>/gpu-smoke-<device>.json`` as soon as it
 is done (a run cut short still leaves what it measured):
@@ -115,7 +115,8 @@ DRY_RUN_SIZES = dict(
 def main(argv=None) -> int:
     ap = argument_parser(__doc__)
     ap.add_argument("--out", default=os.path.dirname(result_path("x")),
-                    help="output folder (default: bench/results/; gpu-smoke-<device>.json is overwritten)")
+                    help="output folder (default: bench/out/, with --refresh bench/results/; "
+                         "gpu-smoke-<device>.json is overwritten)")
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU, Triton interpreter, toy sizes: checks the script, measures nothing")
     args = ap.parse_args(argv)

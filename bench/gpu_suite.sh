@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's GPU figures, part by part, on a CUDA machine:
-#   bash bench/gpu_suite.sh                          all parts into bench/results/
+#   bash bench/gpu_suite.sh                          all parts into bench/out/ (untracked)
+#   bash bench/gpu_suite.sh --out bench/results      all parts into the committed figures
 #   bash bench/gpu_suite.sh --out DIR smoke tests    some parts, into DIR
 # Parts (in this order; default all):
 #   smoke     python -m bench.gpu_smoke: compile, registers as loaded, agreement with
@@ -24,7 +25,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-OUT_DIR=bench/results
+OUT_DIR=bench/out
 PARTS=()
 while [ $# -gt 0 ]; do
   case "$1" in

@@ -29,8 +29,9 @@ sizes (B 32, 256, 1024; 224/16; fp32 images; bf16 tokens x768;
 least 10x faster than the eager fp32 reference and 3x faster than the
 compiled one, and at most 0.2 ms at batch 256 (GPU).
 
-Writes ``bench/results/micro-<device>.json`` (``micro-vit-b16-<device>.json``
-with the preset), overwriting it, unless ``--out`` is given, and the plot
+Writes ``bench/out/micro-<device>.json`` (``micro-vit-b16-<device>.json``
+with the preset; ``bench/results/`` with ``--refresh``), overwriting it,
+unless ``--out`` is given, and the plot
 beside it (``python -m bench.plot``). The JSON carries the environment and
 the machine's load before and after, with a warning when another process
 held a core the run needed.

@@ -10,8 +10,8 @@ after ``--warmup`` calls, timed with ``time.perf_counter``; for each thread
 count the implementations are interleaved round by round, so a busy
 neighbour hurts each alike.
 
-Prints a table and writes ``bench/results/native-cpu.json`` (overwriting it)
-unless ``--out`` is given: the environment (CPU model, torch version,
+Prints a table and writes ``bench/out/native-cpu.json`` (``bench/results/``
+with ``--refresh``; overwritten) unless ``--out`` is given: the environment (CPU model, torch version,
 commit), the machine's load before and after (with a warning when another
 process held a core the run needed), and one row per (implementation,
 threads). Targets: native >= 10x faster than the fp32 reference, <= 1 ms per

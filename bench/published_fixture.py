@@ -17,7 +17,8 @@ is part of this project. Two modes:
     after it was made faithful and with each of the three decisive details
     reverted one at a time; records the published keep count against the
     batch size, and whether the published candidates depend on the noise.
-    Writes ``bench/results/published-vs-official.json``.
+    Writes ``bench/out/published-vs-official.json`` (``bench/results/`` with
+    ``--refresh``).
 
 Usage::
 

@@ -25,7 +25,8 @@ photos are scikit-image's, centre-cropped to a square and resized to 224²
 (``pgs_kernels.samples.load_photo``).
 
 Run ``python -m bench.retention`` (``--quick`` for a smoke run). Writes
-``bench/results/retention.json`` (overwriting it) unless ``--out`` is given,
+``bench/out/retention.json`` (``bench/results/`` with ``--refresh``;
+overwritten) unless ``--out`` is given,
 and beside it ``retention.png`` (photos) and ``retention-scenes.png``
 (synthetic scenes), each with every method's dropped patches in grey
 (``python -m bench.plot`` redraws them from the JSON).

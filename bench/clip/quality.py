@@ -35,8 +35,8 @@ Cost: the run's wall time (training loop, data included), images/s, and
 the CPU time the training took (all threads; on a shared machine it moves
 less than wall time, since waiting for a core costs no CPU time).
 
-Writes ``bench/results/train-quality-cpu.json`` (overwriting it) unless
-``--out`` is given, with one row per (mode, mask ratio, seed), a summary per
+Writes ``bench/out/train-quality-cpu.json`` (``bench/results/`` with
+``--refresh``; overwritten) unless ``--out`` is given, with one row per (mode, mask ratio, seed), a summary per
 (mode, mask ratio) (mean and std over seeds), the environment and the
 machine's load before and during the whole study (with a warning when
 another process held a core the study needed), and the plot beside it

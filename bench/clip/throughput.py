@@ -14,8 +14,9 @@ before, once after). A round's figure is the per-step median; rounds
 interleave the modes (``--repeats``) and the fastest is kept, so a drifting
 clock or a busy neighbour hurts every mode alike.
 
-Writes ``bench/results/train-<device>.json`` (overwriting it) unless
-``--out`` is given: the device, torch and triton versions, the commit, the
+Writes ``bench/out/train-<device>.json`` (``train-<model>-<device>.json`` for
+another ``--model``; ``bench/results/`` with ``--refresh``; overwritten)
+unless ``--out`` is given: the device, torch and triton versions, the commit, the
 machine's load before and after (with a warning when another process held a
 core the run needed) and one row per mode: images/s of (a) and (b),
 their ratios to ``none``, the step time relative to ``random``, the masking
@@ -63,7 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--out", default=None, help=out_help("train-<device>.json"))
+    p.add_argument("--out", default=None,
+                   help=out_help("train-<device>.json, or train-<model>-<device>.json for another --model"))
     return p.parse_args(argv)
 
 
@@ -225,7 +227,9 @@ def _run(args) -> dict:
         "targets_apply": cuda and name == "vit-b-16" and "h100" in device_slug(device),
     }
     print_table(report)
-    write_result(args.out or result_path(f"train-{device_slug(device)}.json"), report)
+    default_model = "vit-b-16" if cuda else "tiny"
+    model_part = "" if name == default_model else name.replace(":", "-").lower() + "-"
+    write_result(args.out or result_path(f"train-{model_part}{device_slug(device)}.json"), report)
     return report
 
 
