@@ -105,7 +105,8 @@ def test_help_says_where_results_go(entry, capsys):
 
 
 def test_native_speed_runs_as_a_file():
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "native_speed.py"), "--help"], cwd=ROOT,
+    env = dict(os.environ, COLUMNS="200")  # argparse wraps the help at the terminal's width
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "native_speed.py"), "--help"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "bench/results/native-cpu.json" in res.stdout

@@ -37,9 +37,21 @@ def not_source(folder, names):
 BUILD_INPUTS = ["setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE"]
 
 
+# The source tree a build starts from: what it reads and the packages it installs
+# (not tests/, bench/ or anything a working checkout accumulates: bench/out/
+# may hold whole virtual environments).
+PROJECT = BUILD_INPUTS + ["csrc", "pgs_kernels", "python_ref"]
+
+
 def copy_project(dst, csrc=None):
     """The project's sources in ``dst``; ``csrc``: the csrc/ files to copy (default all)."""
-    shutil.copytree(ROOT, dst, ignore=not_source)
+    os.makedirs(dst, exist_ok=True)
+    for name in PROJECT:
+        src = os.path.join(ROOT, name)
+        if os.path.isdir(src):
+            shutil.copytree(src, os.path.join(dst, name), ignore=not_source)
+        else:
+            shutil.copy(src, os.path.join(dst, name))
     if csrc is not None:
         shutil.rmtree(os.path.join(dst, "csrc"))
         os.makedirs(os.path.join(dst, "csrc"))
