@@ -77,7 +77,7 @@ tests_part() {
     $PY setup.py build_ext --inplace -q || return 1
   fi
   $PY -m pytest tests -q -p no:cacheprovider -m "not slow" -p bench.pytest_log \
-    --log-jsonl "$OUT_DIR/gpu-tests-$DEV.jsonl" --junitxml="$OUT_DIR/gpu-tests-$DEV.xml"
+    --log-jsonl="$OUT_DIR/gpu-tests-$DEV.jsonl" --junitxml="$OUT_DIR/gpu-tests-$DEV.xml"
 }
 
 memcheck_part() {

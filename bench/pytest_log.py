@@ -4,7 +4,10 @@ whole run ends, so a killed run leaves none), and the summary made from
 those lines, which the GPU suite writes whether its tests part finished or
 was cut short::
 
-    python -m pytest -p bench.pytest_log --log-jsonl run.jsonl ...
+    python -m pytest -p bench.pytest_log --log-jsonl=run.jsonl ...
+
+(the ``=`` form: pytest chooses its root folder from the command line before
+this plugin's option is known, and would take a separate path for a test path)
     python -m bench.pytest_log run.jsonl --out summary.json [--status "timed out after 480s"]
 
 Lines of the log: ``{"event": "start", "nodeid"}`` as a test starts,

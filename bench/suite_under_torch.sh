@@ -40,7 +40,7 @@ git worktree add -q --detach "$TREE" HEAD || exit 1
 trap 'git worktree remove --force "$TREE"' EXIT
 cd "$TREE"
 "$VENV/bin/pip" install -q --no-build-isolation --no-deps -e . || exit 1
-CI=true "$VENV/bin/python" -m pytest -q -p no:cacheprovider -p bench.pytest_log --log-jsonl "$LOG"
+CI=true "$VENV/bin/python" -m pytest -q -p no:cacheprovider --rootdir="$TREE" -p bench.pytest_log --log-jsonl="$LOG"
 rc=$?
 "$VENV/bin/python" -m bench.pytest_log "$LOG" --out "$OUT" --status "pytest exit $rc" >/dev/null
 echo "suite under torch $TORCH, triton $TRITON: exit $rc, summary in $OUT"

@@ -235,7 +235,7 @@ def test_pytest_log_keeps_the_results_of_a_run_cut_short(tmp_path):
     log = tmp_path / "log.jsonl"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "bench.pytest_log",
-                             "--log-jsonl", str(log), "test_cut.py"], cwd=tmp_path, env=env,
+                             f"--log-jsonl={log}", "test_cut.py"], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
