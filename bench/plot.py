@@ -224,6 +224,7 @@ def _kept_title(method: str, dropped: Sequence[int], L: int) -> str:
 
 
 def retention(doc: Dict, stem: str) -> List[str]:
+    from bench.retention import load_photo, object_patches
     from pgs_kernels import samples
 
     figs = doc.get("figures")
@@ -243,7 +244,7 @@ def retention(doc: Dict, stem: str) -> List[str]:
     if ph:
         rows, titles = [], None
         for i, name in enumerate(ph["names"]):
-            _, disp = samples.load_photo(name, ph["size"])
+            _, disp = load_photo(name, ph["size"])
             L = (disp.shape[0] // P) * (disp.shape[1] // P)
             drops = {m: ph["dropped"][m][i] for m in methods}
             rows.append([disp] + [samples.grey_dropped(disp, dropped_mask(drops[m], L), P) for m in methods])
@@ -260,7 +261,7 @@ def retention(doc: Dict, stem: str) -> List[str]:
             s = samples.make_scene(seed, sc["size"])
             disp = s["display"]
             L = (disp.shape[0] // P) * (disp.shape[1] // P)
-            objects = samples.object_patches(s["mask"][None], P)[0].numpy()
+            objects = object_patches(s["mask"][None], P)[0].numpy()
             drops = {m: sc["dropped"][m][i] for m in methods}
             rows.append([disp, samples.grey_dropped(disp, ~objects, P)]
                         + [samples.grey_dropped(disp, dropped_mask(drops[m], L), P) for m in methods])

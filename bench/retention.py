@@ -14,7 +14,7 @@ Methods, all at the same mask ratio and on the same noise:
 Metrics, per image, then mean and std over images x seeds:
 
 * ``object_kept``: kept object patches / object patches (synthetic only; an
-  object patch has >= 50 % object pixels, ``samples.object_patches``);
+  object patch has >= 50 % object pixels, ``object_patches``);
 * ``edge_kept``: sum of kept ``e_j`` / sum of all ``e_j``, ``e_j`` the mean
   Sobel magnitude of the normalized image over patch ``j`` (the contract's
   ``e_j`` before min-max);
@@ -22,7 +22,7 @@ Metrics, per image, then mean and std over images x seeds:
 
 Scenes are ``pgs_kernels.samples.make_scene(seed)`` for seeds ``0..N-1``;
 photos are scikit-image's, centre-cropped to a square and resized to 224²
-(``pgs_kernels.samples.load_photo``).
+(:func:`load_photo`).
 
 Run ``python -m bench.retention`` (``--quick`` for a smoke run). Writes
 ``bench/out/retention.json`` (``bench/results/`` with ``--refresh``;
@@ -49,6 +49,41 @@ from pgs_kernels import samples
 
 METHODS = ("random", "published", "cluster", "pgs_no_ot", "pgs")
 RATIOS = (0.3, 0.5, 0.75)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def load_photo(name: str, size: int = 224):
+    """The standardized ``(3, H, W)`` float32 photo and its ``(H, W, 3)`` numpy
+    display image in [0, 1]."""
+    rgb = samples.photo(name, size)
+    return samples.standardize(rgb), rgb.permute(1, 2, 0).numpy()
+
+
+def load_photos(names: Sequence[str] = samples.PHOTO_NAMES, size: int = 224):
+    """``(N, 3, H, W)`` standardized photos and their display images."""
+    pairs = [load_photo(n, size) for n in names]
+    return torch.stack([p[0] for p in pairs]), [p[1] for p in pairs]
+
+
+def make_scenes(seeds: Sequence[int], size: int = 224):
+    """A batch of scenes: images (B, 3, H, W), masks (B, H, W), backgrounds, displays."""
+    scenes = [samples.make_scene(int(s), size) for s in seeds]
+    return (
+        torch.stack([s["image"] for s in scenes]),
+        torch.stack([s["mask"] for s in scenes]),
+        [s["background"] for s in scenes],
+        [s["display"] for s in scenes],
+    )
+
+
+def object_patches(masks: torch.Tensor, patch_size: int, min_fraction: float = 0.5) -> torch.Tensor:
+    """(B, H, W) pixel masks -> (B, L) bool: patch holds >= ``min_fraction``
+    object pixels; patches in row-major order."""
+    B, H, W = masks.shape
+    P = patch_size
+    frac = masks.float().reshape(B, H // P, P, W // P, P).mean(dim=(2, 4))
+    return (frac >= min_fraction).reshape(B, -1)
 
 
 def patch_edge_energy(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -149,8 +184,8 @@ def evaluate(batches, methods: Dict[str, Callable], ratios: Sequence[float], pat
 def synthetic_batches(n_scenes: int, batch: int, patch_size: int):
     for start in range(0, n_scenes, batch):
         seeds = list(range(start, min(n_scenes, start + batch)))
-        images, masks, bgs, _ = samples.make_scenes(seeds)
-        yield images, samples.object_patches(masks, patch_size), start, bgs
+        images, masks, bgs, _ = make_scenes(seeds)
+        yield images, object_patches(masks, patch_size), start, bgs
 
 
 def photo_batches(images: torch.Tensor, names: Sequence[str], n_seeds: int):
@@ -195,7 +230,7 @@ def figure_selections(methods: Dict[str, Callable], photos: torch.Tensor, batch:
            "photos": {"names": list(FIGURE_PHOTOS), "size": photos.shape[-1],
                       "dropped": {m: [torch.nonzero(d[i]).flatten().tolist() for i in picks]
                                   for m, d in drops.items()}}}
-    images, masks, bgs, _ = samples.make_scenes(range(batch))
+    images, masks, bgs, _ = make_scenes(range(batch))
     gen = torch.Generator().manual_seed(0)
     noise = torch.rand((images.shape[0], images.shape[2] * images.shape[3] // P ** 2), generator=gen)
     drops = {m: methods[m](images, noise, ratio, gen) for m in FIGURE_METHODS}
@@ -232,7 +267,7 @@ def main(argv=None) -> int:
     methods = make_methods(args.edge_weight, args.sim_threshold, args.candidate_ratio, args.ot_reg, P)
     synth = evaluate(synthetic_batches(args.scenes, args.batch, P), methods, args.ratios, P, True)
     t_synth = time.perf_counter() - t0
-    photos, _ = samples.load_photos(samples.PHOTO_NAMES)
+    photos, _ = load_photos(samples.PHOTO_NAMES)
     real = evaluate(photo_batches(photos, samples.PHOTO_NAMES, args.photo_seeds), methods, args.ratios, P, False)
     elapsed = time.perf_counter() - t0
 

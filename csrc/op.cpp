@@ -1,6 +1,6 @@
-// The operator's CPU kernel: argument checks, outputs, per-thread work space,
-// images spread over threads with at::parallel_for, and the registration for
-// the schema that pgs_kernels/op.py defines.
+// The operator's CPU kernel: the checks that keep memory safe, outputs,
+// per-thread work space, images spread over threads with at::parallel_for,
+// and the registration for the private schema that pgs_kernels/op.py defines.
 
 #include <Python.h>
 
@@ -11,9 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <string>
-#include <string_view>
 #include <tuple>
 #include <vector>
 
@@ -94,65 +92,34 @@ Workspace make_workspace(const Params& prm, int64_t sc, int64_t sy, Arena& arena
   return ws;
 }
 
-// A copy: before torch 2.13 getDtypeNames returns std::strings by value, and
-// a view of the temporary would dangle.
-std::string dtype_name(at::ScalarType s) { return std::string(c10::getDtypeNames(s).first); }
+// This kernel is reached through pgs_kernels.op.native_kernel, which checks
+// every argument with the messages of pgs_kernels/contract.py. What is
+// checked here is only what keeps memory safe on a direct call of the private
+// operator, so each failure names the condition, not the argument.
+#define PGS_REQUIRE(cond)                                                                                  \
+  TORCH_CHECK(cond, "pgs_kernels::_pgs_select_native: ", #cond,                                             \
+              " does not hold; call torch.ops.pgs_kernels.pgs_select, whose checks name the argument")
 
-// Everything pgs_select checks that needs no look at the values (torch.ops
-// can be called directly), as ValueError / TypeError naming the argument.
-// Returns the geometry.
+bool supported_image_dtype(at::ScalarType s) { return s == at::kFloat || s == at::kHalf || s == at::kBFloat16; }
+
 Geometry check_args(const at::Tensor& images, const std::optional<at::Tensor>& tokens, const at::Tensor& noise,
-                    int64_t patch_size, int64_t num_keep, int64_t num_candidates, double sim_threshold,
-                    double token_weight, double edge_weight, double ot_reg, int64_t ot_iters) {
-  TORCH_CHECK_VALUE(images.dim() == 4, "pgs_select: images must have shape (B, C, H, W), got ", images.dim(),
-                    " dims ", images.sizes());
-  TORCH_CHECK_VALUE(images.device().is_cpu(), "pgs_select (native CPU kernel): images must be on the CPU, got ",
-                    images.device());
-  const at::ScalarType image_dtype = images.scalar_type();
-  TORCH_CHECK_TYPE(image_dtype == at::kFloat || image_dtype == at::kHalf || image_dtype == at::kBFloat16,
-                   "pgs_select: images must be one of float16, bfloat16, float32, got ", dtype_name(image_dtype));
-  TORCH_CHECK_VALUE(patch_size >= 1, "pgs_select: patch_size must be >= 1, got ", patch_size);
+                    int64_t patch_size, int64_t num_keep, int64_t num_candidates, double token_weight) {
+  PGS_REQUIRE(images.dim() == 4 && images.device().is_cpu() && supported_image_dtype(images.scalar_type()));
+  PGS_REQUIRE(patch_size >= 1);
   const int64_t B = images.size(0), C = images.size(1), H = images.size(2), W = images.size(3);
   const int64_t P = patch_size;
-  TORCH_CHECK_VALUE(C >= 1, "pgs_select: images must have at least one channel, got C=", C);
-  TORCH_CHECK_VALUE(H % P == 0, "pgs_select: images: H=", H, " is not divisible by patch_size=", P);
-  TORCH_CHECK_VALUE(W % P == 0, "pgs_select: images: W=", W, " is not divisible by patch_size=", P);
+  PGS_REQUIRE(C >= 1 && H % P == 0 && W % P == 0);
   const int64_t gh = H / P, gw = W / P, L = gh * gw;
-  TORCH_CHECK_VALUE(L >= 1, "pgs_select: images: H=", H, ", W=", W, " hold no ", P, "x", P, " patch");
-
-  TORCH_CHECK_VALUE(num_keep >= 1 && num_keep <= L, "pgs_select: num_keep must be in [1, L=", L, "], got ",
-                    num_keep);
-  TORCH_CHECK_VALUE(num_candidates >= 0 && num_candidates <= L, "pgs_select: num_candidates must be in [0, L=", L,
-                    "], got ", num_candidates);
-  TORCH_CHECK_VALUE(!std::isnan(sim_threshold), "pgs_select: sim_threshold must not be NaN, got ", sim_threshold);
-  TORCH_CHECK_VALUE(token_weight >= 0.0 && token_weight <= 1.0, "pgs_select: token_weight must be in [0, 1], got ",
-                    token_weight);
-  // The key is computed in double, but every fp32 backend must hold w_e.
-  TORCH_CHECK_VALUE(edge_weight >= 0.0 && edge_weight <= std::numeric_limits<float>::max(),
-                    "pgs_select: edge_weight must be in [0, ", std::numeric_limits<float>::max(),
-                    "] (finite in fp32), got ", edge_weight);
-  // Below 1e-4, fp32 Sinkhorn no longer holds the plan to the contract's accuracy.
-  TORCH_CHECK_VALUE(ot_reg >= kMinOtReg && std::isfinite(ot_reg), "pgs_select: ot_reg must be finite and >= ",
-                    kMinOtReg, ", got ", ot_reg);
-  TORCH_CHECK_VALUE(ot_iters >= 1, "pgs_select: ot_iters must be >= 1, got ", ot_iters);
-
-  TORCH_CHECK_VALUE(noise.dim() == 2 && noise.size(0) == B && noise.size(1) == L,
-                    "pgs_select: noise must have shape (B, L) = (", B, ", ", L, "), got ", noise.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(noise.scalar_type()), "pgs_select: noise must be floating point, got ",
-                   dtype_name(noise.scalar_type()));
-  TORCH_CHECK_VALUE(noise.device().is_cpu(), "pgs_select: noise must be on images' device cpu, got ",
-                    noise.device());
-  const bool have_tokens = tokens.has_value() && tokens->defined();
-  if (have_tokens) {
+  PGS_REQUIRE(L >= 1 && num_keep >= 1 && num_keep <= L && num_candidates >= 0 && num_candidates <= L);
+  PGS_REQUIRE(token_weight >= 0.0 && token_weight <= 1.0);
+  PGS_REQUIRE(noise.dim() == 2 && noise.size(0) == B && noise.size(1) == L && noise.device().is_cpu() &&
+              at::isFloatingType(noise.scalar_type()));
+  if (token_weight > 0.0) {
+    PGS_REQUIRE(tokens.has_value() && tokens->defined());
     const at::Tensor& t = *tokens;
-    TORCH_CHECK_VALUE(t.dim() == 3 && t.size(0) == B && t.size(1) == L && t.size(2) >= 1,
-                      "pgs_select: tokens must have shape (B, L, D) = (", B, ", ", L, ", D>=1), got ", t.sizes());
-    TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "pgs_select: tokens must be floating point, got ",
-                     dtype_name(t.scalar_type()));
-    TORCH_CHECK_VALUE(t.device().is_cpu(), "pgs_select: tokens must be on images' device cpu, got ", t.device());
+    PGS_REQUIRE(t.dim() == 3 && t.size(0) == B && t.size(1) == L && t.size(2) >= 1 && t.device().is_cpu() &&
+                at::isFloatingType(t.scalar_type()));
   }
-  TORCH_CHECK_VALUE(have_tokens || token_weight == 0.0, "pgs_select: token_weight=", token_weight,
-                    " > 0 needs tokens, got tokens=None");
   return Geometry{C, H, W, P, gh, gw, L};
 }
 
@@ -160,8 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_selec
     const at::Tensor& images, const std::optional<at::Tensor>& tokens_opt, const at::Tensor& noise_in,
     int64_t patch_size, int64_t num_keep, int64_t num_candidates, double sim_threshold,
     double token_weight, double edge_weight, bool use_ot, double ot_reg, int64_t ot_iters) {
-  const Geometry geo = check_args(images, tokens_opt, noise_in, patch_size, num_keep, num_candidates, sim_threshold,
-                                  token_weight, edge_weight, ot_reg, ot_iters);
+  const Geometry geo = check_args(images, tokens_opt, noise_in, patch_size, num_keep, num_candidates, token_weight);
   const int64_t B = images.size(0), C = geo.C, H = geo.H, W = geo.W, L = geo.L;
   const bool want_tokens = token_weight > 0.0;
   const at::Tensor tokens = want_tokens ? *tokens_opt : at::Tensor();
@@ -244,9 +210,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_selec
 }  // namespace
 }  // namespace pgs
 
-// The schema is defined once, in Python (pgs_kernels/op.py), before this
-// module is imported; here only the CPU kernel is registered for it.
-TORCH_LIBRARY_IMPL(pgs_kernels, CPU, m) { m.impl("pgs_select", &pgs::pgs_select_cpu); }
+// The schemas are defined once, in Python (pgs_kernels/op.py), before this
+// module is imported; here only the CPU kernel is registered, for the private
+// operator that pgs_kernels.op.native_kernel calls after its checks.
+TORCH_LIBRARY_IMPL(pgs_kernels, CPU, m) { m.impl("_pgs_select_native", &pgs::pgs_select_cpu); }
 
 // The operator lives in the dispatcher; importing the Python module runs the
 // registration above. Its one function says which compiled variant the

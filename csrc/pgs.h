@@ -22,7 +22,6 @@ namespace pgs {
 
 constexpr double kEps = 1e-6;  // the contract's guard in norms and in the min-max
 constexpr int kMaxWidth = 16;  // floats per vector of the widest variant
-constexpr double kMinOtReg = 1e-4;  // smallest eps at which fp32 Sinkhorn keeps the contract's accuracy
 
 struct Geometry {
   int64_t C, H, W, P, gh, gw, L;

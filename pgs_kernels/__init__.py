@@ -8,7 +8,7 @@ torch.Size([8, 98])
 """
 
 from .api import pgs_select
-from .backends import BACKENDS, available_backends, resolve_backend
+from .backends import available_backends, resolve_backend
 from .contract import PGSSelection, pgs_counts
 from .dropout import PGSPatchDropout
 from .integrations import PGSDropoutSlot, remove_pgs, set_pgs_epoch, use_pgs
@@ -27,7 +27,6 @@ __all__ = [
     "available_backends",
     "resolve_backend",
     "pgs_counts",
-    "BACKENDS",
     "NATIVE_AVAILABLE",
     "TRITON_AVAILABLE",
     "SCHEMA",

@@ -1,17 +1,5 @@
-r"""``pgs_select``: the public entry point.
-
-The math (docs/algorithm.md; symbols as in ``python_ref.pgs``): for each image,
-
-1. ``ê_j`` = min-max normalized mean Sobel magnitude over patch ``j``;
-2. ``key_j = u_j + w_e ê_j``; candidates = the ``k`` smallest ``(key_j, j)``;
-3. ``S_ij = (1-α) <p̂_i, p̂_j> + α <t̂_i, t̂_j>`` for candidate ``i``, patch ``j``
-   (``p̂`` centered, normalized pixels; ``t̂`` normalized tokens);
-4. ``r_j = L Σ_i Π_ij S_ij`` with ``Π`` the ``T``-step log-domain Sinkhorn plan
-   between masses ``1/k`` and ``1/L`` for kernel ``exp(S/ε)`` (``use_ot``), or
-   ``r_j = max_i S_ij``;
-5. drop the first ``M`` patches in the order ``(tier_j, key_j, j)``, tier 0
-   for candidates, 1 for ``r_j > θ``, 2 otherwise.
-"""
+"""``pgs_select``: the public entry point. The function it computes, step
+by step with its symbols, is docs/algorithm.md."""
 
 from __future__ import annotations
 
@@ -48,26 +36,20 @@ def pgs_select(
     r"""Choose which patches of each image a ViT keeps (CLIP-PGS masking).
 
     For ``L = (H/P)(W/P)`` patches it keeps ``K = max(1, int(L (1 - mask_ratio)))``
-    and drops ``M = L - K``; ``k = L - int(L (1 - candidate_ratio))`` patches
-    are generated as mask candidates. Per image, with ``u`` = ``noise``:
-
-    1. ``e_j`` = mean Sobel magnitude of the channel-mean image over patch
-       ``j`` (replicated border); ``ê_j = (e_j - min e) / (max e - min e + 1e-6)``;
-    2. ``key_j = u_j + w_e ê_j``; the candidates are the first ``k`` patches
-       in the order ``(key_j, j)`` (background-like: low edge energy);
-    3. ``S_ij = (1 - α) <p̂_i, p̂_j> + α <t̂_i, t̂_j>``, ``p̂`` the centered and
-       normalized pixel vector, ``t̂`` the normalized token;
-    4. ``r_j = L Σ_i Π_ij S_ij``, ``Π`` the plan of ``T`` log-domain Sinkhorn
-       steps between masses ``1/k`` and ``1/L`` for the kernel ``exp(S/ε)``
-       (or ``r_j = max_i S_ij`` without OT);
-    5. drop the first ``M`` patches in the order (candidates, then
-       ``r_j > θ``, then the rest; each by ``key``, then index).
+    and drops ``M = L - K``. Per image it scores each patch's edge energy,
+    generates the ``k = L - int(L (1 - candidate_ratio))`` lowest-keyed
+    patches (noise plus edge prior) as mask candidates, measures how similar
+    every patch is to them (pixels, and tokens when ``token_weight > 0``),
+    normalizes that with optimal transport into a redundancy ``r``, and drops
+    the candidates first, then the patches with ``r > sim_threshold``, then the
+    rest, each by key. docs/algorithm.md is the exact function, with the
+    formulas and symbols the code uses.
 
     Args:
         images: ``(B, C, H, W)`` float16/bfloat16/float32 normalized pixels, any strides.
-        tokens: ``(B, L, D)`` patch features (no CLS) or ``None``. **Read only when
-            ``token_weight > 0``**: with the default ``token_weight=0`` tokens
-            passed here are ignored.
+        tokens: ``(B, L, D)`` patch features (no CLS) or ``None``. Their shape,
+            dtype and device are checked whenever they are given; their values
+            are read only when ``token_weight > 0``.
         noise: ``(B, L)`` uniform noise ``u`` in ``[0, 1)``; drawn with ``torch.rand`` from
             ``generator`` (on ``images``' device) when ``None``.
         patch_size: ``P``; ``H`` and ``W`` must be multiples of it.

@@ -1,96 +1,91 @@
-"""The backends of ``pgs_select``, in one table, and the one resolver that
-maps a backend name and a device to the implementation that runs.
+"""Which implementation runs a ``pgs_select`` call: the backend names and the
+one resolver that maps a name and a device to what runs.
 
-=============  ====================  =============================================
-name           runs on               implementation
-=============  ====================  =============================================
-``native``     CPU tensors           the C++ kernel (``pgs_kernels._C``), through
-                                     the ``pgs_kernels::pgs_select`` operator
-``triton``     CUDA tensors; CPU     the fused Triton kernel, through the operator
-               tensors under         on CUDA; called directly under the
-               ``TRITON_INTERPRET=1`` interpreter
-``reference``  any device            ``python_ref.pgs_select_core`` in fp32
-=============  ====================  =============================================
+=============  ====================================  ==========================================
+name           runs on                               what runs
+=============  ====================================  ==========================================
+``auto``       any device                            the operator, which picks the device's kernel
+``native``     CPU tensors, where ``_C`` is built    the operator (its CPU kernel is the native one)
+``triton``     CUDA tensors, where Triton imports    the operator (its CUDA kernel is Triton's)
+``triton``     CPU tensors under                     the Triton kernel, called directly
+               ``TRITON_INTERPRET=1``
+``reference``  any device but meta                   ``python_ref``, called directly
+=============  ====================================  ==========================================
 
-``"auto"`` takes the first available of ``AUTO_ORDER`` for the device type.
-Everything that chooses a backend (``pgs_select``, the training layer, the
-benchmarks) goes through :func:`resolve_backend`.
+The operator ``pgs_kernels::pgs_select`` (``op.py``) is the only per-device
+dispatch, and the only fallback: a device without a kernel of its own runs
+the reference there. ``native`` and ``triton`` are therefore a request that
+the operator runs that kernel here, and a ``ValueError`` says why when it
+would not. Two paths do not go through the operator, on purpose: the
+``reference`` backend (the oracle: it must run the reference wherever a
+kernel exists) and the Triton interpreter on CPU tensors (for the tests; the
+operator's CPU kernel is the native one).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 
 from . import op as _op
 from .contract import PGSCall
 
-__all__ = ["Backend", "BACKENDS", "AUTO_ORDER", "resolve_backend", "available_backends", "check_backend_name"]
+__all__ = ["Backend", "NAMES", "resolve_backend", "available_backends", "check_backend_name"]
+
+#: The backend names ``pgs_select`` takes.
+NAMES = ("auto", "native", "triton", "reference")
+
+
+class Backend(NamedTuple):
+    """What runs a call: ``name`` (the kernel's) and ``run(call) ->
+    (keep_idx, mask, edge, candidates, redundancy)``."""
+
+    name: str
+    run: Callable[[PGSCall], tuple]
+
+
+def _run_operator(call: PGSCall):
+    return _op.pgs_select_op(*call)
+
+
+def _run_interpreter(call: PGSCall):
+    return _op.pgs_select_triton(*call)
+
+
+def _run_reference(call: PGSCall):
+    return _op.run_reference(*call)
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _run_op(call: PGSCall):
-    # The dispatcher holds the kernel registered for the tensors' device:
-    # native on CPU, Triton on CUDA (pgs_kernels/op.py).
-    return _op.pgs_select_op(*call)
-
-
-def _run_triton(call: PGSCall):
-    if call.images.is_cuda:
-        return _op.pgs_select_op(*call)
-    return _op.triton_kernel(*call)  # the interpreter, on CPU tensors
-
-
-def _run_reference(call: PGSCall):
-    from python_ref.pgs import pgs_select_core  # loaded only when this backend is used
-
-    return pgs_select_core(*call, torch.float32)
-
-
-def _native_status(device_type: str) -> Tuple[bool, str]:
-    if device_type != "cpu":
-        return False, "needs CPU tensors"
-    if not _op.NATIVE_AVAILABLE:
-        return False, f"the C++ extension is not built ({_op.NATIVE_ERROR})"
-    return True, ""
-
-
-def _triton_status(device_type: str) -> Tuple[bool, str]:
+def _status(name: str, device_type: str) -> Tuple[Optional[Backend], str]:
+    """``(backend, "")`` if ``name`` can run on ``device_type``, else ``(None, why not)``."""
+    if name == "auto":
+        return Backend(_op.kernel_name(device_type), _run_operator), ""
+    if name == "reference":
+        if device_type == "meta":
+            return None, "meta tensors hold no values"
+        return Backend("reference", _run_reference), ""
+    if name == "native":
+        if device_type != "cpu":
+            return None, "needs CPU tensors"
+        if not _op.NATIVE_AVAILABLE:
+            return None, f"the C++ extension is not built ({_op.NATIVE_ERROR})"
+        return Backend("native", _run_operator), ""
+    # triton
     if not _op.TRITON_AVAILABLE:
-        return False, f"Triton does not import ({_op.TRITON_ERROR})"
+        return None, f"Triton does not import ({_op.TRITON_ERROR})"
     if device_type == "cuda":
-        return (True, "") if torch.cuda.is_available() else (False, "CUDA is not available")
-    if device_type == "cpu":
-        return (True, "") if _interpreting() else (False, "needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
-    return False, "needs CUDA tensors"
-
-
-def _reference_status(device_type: str) -> Tuple[bool, str]:
-    return (False, "meta tensors hold no values") if device_type == "meta" else (True, "")
-
-
-class Backend(NamedTuple):
-    """One implementation of the op: ``status(device_type) -> (usable, why
-    not)`` and ``run(call) -> (keep_idx, mask, edge, candidates, redundancy)``."""
-
-    name: str
-    status: Callable[[str], Tuple[bool, str]]
-    run: Callable[[PGSCall], tuple]
-
-
-BACKENDS: Dict[str, Backend] = {
-    "native": Backend("native", _native_status, _run_op),
-    "triton": Backend("triton", _triton_status, _run_triton),
-    "reference": Backend("reference", _reference_status, _run_reference),
-}
-#: What ``"auto"`` tries, in order, per device type; other devices get the reference.
-AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("native", "reference")}
-NAMES = ("auto",) + tuple(BACKENDS)
+        if not torch.cuda.is_available():
+            return None, "CUDA is not available"
+        return Backend("triton", _run_operator), ""
+    if device_type == "cpu" and _interpreting():
+        return Backend("triton", _run_interpreter), ""
+    return None, "needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)"
 
 
 def check_backend_name(backend) -> str:
@@ -101,15 +96,11 @@ def check_backend_name(backend) -> str:
     return backend
 
 
-def _device_type(device) -> str:
-    return torch.device(device).type
-
-
 def available_backends(device: Optional[torch.device | str] = None) -> List[str]:
-    """Names of the backends usable for tensors on ``device`` (default: on
-    any device of this machine), in the order of the table."""
-    types = [_device_type(device)] if device is not None else ["cpu", "cuda"]
-    return [name for name, b in BACKENDS.items() if any(b.status(t)[0] for t in types)]
+    """The kernels usable for tensors on ``device`` (default: on any device
+    of this machine), by name: ``native``, ``triton``, ``reference``."""
+    types = [torch.device(device).type] if device is not None else ["cpu", "cuda"]
+    return [n for n in NAMES[1:] if any(_status(n, t)[0] is not None for t in types)]
 
 
 def resolve_backend(backend: str, device) -> Backend:
@@ -117,13 +108,8 @@ def resolve_backend(backend: str, device) -> Backend:
     tensors on ``device``; a ``ValueError`` naming ``backend`` says why when it
     cannot run there."""
     check_backend_name(backend)
-    dtype = _device_type(device)
-    if backend == "auto":
-        for name in AUTO_ORDER.get(dtype, ("reference",)):
-            if BACKENDS[name].status(dtype)[0]:
-                return BACKENDS[name]
-        backend = "reference"
-    ok, why = BACKENDS[backend].status(dtype)
-    if not ok:
-        raise ValueError(f"backend={backend!r} is not available for {dtype} tensors: {why}")
-    return BACKENDS[backend]
+    device_type = torch.device(device).type
+    found, why = _status(backend, device_type)
+    if found is None:
+        raise ValueError(f"backend={backend!r} is not available for {device_type} tensors: {why}")
+    return found

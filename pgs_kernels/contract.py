@@ -9,10 +9,10 @@ meaningful. Two layers of checks:
 
 * :func:`check_call` / :func:`prepare_call`: the public entry points
   (``pgs_select``, the reference, the baselines), which take ratios;
-* :func:`check_op_args`: the raw operator ``pgs_kernels::pgs_select``, which
-  takes host-side counts (``num_keep = K``, ``num_candidates = k``). Its
-  Python kernels and its fake implementation run it; the C++ kernel has the
-  same checks in C++.
+* :func:`check_op_args`: what the raw operator ``pgs_kernels::pgs_select``
+  (host-side counts ``num_keep = K``, ``num_candidates = k`` in place of the
+  ratios) needs to stay safe on a direct call; its kernels and its fake
+  implementation run it. The C++ kernel is called only after it.
 
 Nothing here reads device memory (``validate=True`` aside), so the checks
 cost no host sync and survive ``torch.compile`` and CUDA graph capture.
@@ -311,17 +311,20 @@ def prepare_call(images, tokens=None, noise=None, generator=None, *, allow_float
 
 def check_op_args(images, tokens, noise, patch_size, num_keep, num_candidates, sim_threshold, token_weight,
                   edge_weight, use_ot, ot_reg, ot_iters) -> None:
-    """The raw operator's checks (no host sync): what :func:`check_call`
-    checks that the operator's arguments carry, with the counts in place of
-    the ratios (``1 <= num_keep <= L``, ``0 <= num_candidates <= L``)."""
-    p = check_params(patch_size=patch_size, sim_threshold=sim_threshold, token_weight=token_weight,
-                     edge_weight=edge_weight, use_ot=use_ot, ot_reg=ot_reg, ot_iters=ot_iters)
+    """What keeps the raw operator's kernels safe on a direct call (no host
+    sync), with :func:`check_call`'s messages: the tensors' shapes, dtypes and
+    devices, ``patch_size >= 1``, the counts (``1 <= num_keep <= L``,
+    ``0 <= num_candidates <= L``), ``token_weight`` in ``[0, 1]`` (it decides
+    which terms a kernel evaluates) and tokens wherever it is > 0. The ranges
+    of the other scalars are :func:`check_call`'s: out of them a kernel
+    computes a meaningless selection, but touches no memory it should not."""
+    P = _int("patch_size", patch_size, 1)
+    alpha = _real("token_weight", token_weight, 0.0, 1.0)
     if not isinstance(noise, Tensor):
         raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
     # Meta tensors are the operator's own shape inference: allowed, as long as
     # every tensor is on the same device.
-    _, L = _check_tensors(images, tokens, noise, p["patch_size"], p["token_weight"], IMAGE_DTYPES,
-                          allow_meta=True)
+    _, L = _check_tensors(images, tokens, noise, P, alpha, IMAGE_DTYPES, allow_meta=True)
     K = _int("num_keep", num_keep, 1)
     if K > L:
         raise ValueError(f"num_keep must be in [1, L={L}], got {num_keep}")

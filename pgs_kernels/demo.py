@@ -90,6 +90,13 @@ def time_call(fn, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def _load() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except (OSError, AttributeError):  # not on every platform
+        return "unknown"
+
+
 def edge_kept(mask: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
     """Fraction of each image's patch edge energy that the kept patches hold."""
     return ((~mask) * energy).sum(1) / energy.sum(1).clamp_min(1e-12)
@@ -135,8 +142,11 @@ def main(argv=None):
     ap.add_argument("--patch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--synthetic", type=int, default=3, help="number of synthetic scenes")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: on a busy machine a second thread makes timings swing)")
     args = ap.parse_args(argv)
     require_demo_extra()
+    torch.set_num_threads(args.threads)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     photos, photos_rgb, photo_names = load_photos()
@@ -164,7 +174,9 @@ def main(argv=None):
         print(f"{name:<20}{kept_pgs[i]:>14.3f}{kept_rnd[i]:>14.3f}{int(redundant[i]):>11d}")
     print(f"{'mean':<20}{kept_pgs.mean():>14.3f}{kept_rnd.mean():>14.3f}")
 
-    print(f"\ntime per call, batch {B} (median of 5, {device}):")
+    load = _load()
+    print(f"\ntime per call, batch {B} (median of 5, {device}, {torch.get_num_threads()} CPU thread(s); "
+          f"load average {load} of {os.cpu_count()} CPUs before):")
     for backend in available_backends(device):
         ms = time_call(lambda: pgs_select(images, noise=noise, patch_size=P, mask_ratio=args.mask_ratio,
                                           backend=backend))
@@ -173,6 +185,8 @@ def main(argv=None):
     print(f"  {'published_pgs (baseline)':<29} {ms:9.3f} ms")
     ms = time_call(lambda: python_ref.random_masking(images, noise=noise, patch_size=P, mask_ratio=args.mask_ratio))
     print(f"  {'random_masking (floor)':<29} {ms:9.3f} ms")
+    print(f"  load average {_load()} after: where it exceeds the CPUs the threads need, other processes "
+          "shared them and these times are too long")
 
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "pgs_demo.png")

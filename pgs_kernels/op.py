@@ -1,20 +1,29 @@
-"""The ``pgs_kernels::pgs_select`` operator: one schema, a kernel per device.
+"""The ``pgs_kernels::pgs_select`` operator: one schema, and the one place
+where a device picks its kernel.
 
-* CPU: the native C++ kernel from ``csrc/`` (extension ``pgs_kernels._C``),
-  which registers itself for the schema defined here; where the extension
-  was not built, the CPU kernel is the reference in fp32 (one warning says so).
-* CUDA: the fused Triton kernel (``pgs_kernels.triton_pgs``), where Triton
-  imports.
-* Meta / fake: :func:`_fake`, shared by both, so ``torch.compile`` traces the
-  op without running it.
+=========  ==========================================================  ==================
+device     kernel                                                      name
+=========  ==========================================================  ==================
+CPU        the native C++ kernel (``csrc/``, extension ``_C``)           ``native``
+CUDA       the fused Triton kernel (``triton_pgs.py``)                 ``triton``
+any other  the reference in fp32 (``python_ref``): also CPU without    ``reference``
+           ``_C`` and CUDA without Triton (one warning says so on CPU)
+Meta/fake  :func:`_fake`, so ``torch.compile`` traces without running
+=========  ==========================================================  ==================
+
+The reference is registered once, as the ``CompositeExplicitAutograd``
+kernel: the dispatcher takes it for every device that has no kernel of its
+own, which is the whole fallback. :data:`KERNELS` says which runs where.
 
 The operator takes host-side counts (``num_keep = K``, ``num_candidates =
 k``) rather than ratios: output shapes are then plain functions of the
 arguments and nothing on the path reads device memory, which is what a CUDA
-graph capture needs. Every kernel checks its arguments
-(:func:`pgs_kernels.contract.check_op_args`, or the same checks in C++), so
-the raw operator rejects what ``pgs_select`` rejects, wherever that needs no
-host sync.
+graph capture needs. ``pgs_select`` checks every argument before it calls
+the operator; the operator's kernels and its fake implementation check only
+what keeps them safe on a direct call (:func:`pgs_kernels.contract.check_op_args`:
+shapes, dtypes, devices, counts), with the same messages. The C++ kernel is
+registered under a private name (``_pgs_select_native``) and reached through
+:func:`native_kernel`, so that no message is written twice.
 """
 
 from __future__ import annotations
@@ -23,24 +32,26 @@ import importlib
 import json
 import os
 import warnings
+from typing import Dict
 
 import torch
 
 from .contract import check_op_args
 
-#: The operator's one schema; the C++ extension only registers a kernel for it.
-SCHEMA = (
-    "pgs_select(Tensor images, Tensor? tokens, Tensor noise, int patch_size, int num_keep, "
-    "int num_candidates, float sim_threshold, float token_weight, float edge_weight, "
-    "bool use_ot, float ot_reg, int ot_iters) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
-)
+_ARGS = ("Tensor images, Tensor? tokens, Tensor noise, int patch_size, int num_keep, int num_candidates, "
+         "float sim_threshold, float token_weight, float edge_weight, bool use_ot, float ot_reg, int ot_iters")
+_RETURNS = "(Tensor, Tensor, Tensor, Tensor, Tensor)"
+#: The operator's one schema.
+SCHEMA = f"pgs_select({_ARGS}) -> {_RETURNS}"
 OP_NAME = "pgs_kernels::pgs_select"
 
-# Defined before the extension loads: its TORCH_LIBRARY_IMPL attaches to this.
+# Defined before the extension loads: its TORCH_LIBRARY_IMPL attaches to the
+# private name (the native kernel without the Python checks in front of it).
 _lib = torch.library.Library("pgs_kernels", "DEF")
 _lib.define(SCHEMA)
+_lib.define(f"_pgs_select_native({_ARGS}) -> {_RETURNS}")
 
-try:  # the native build registers the CPU kernel
+try:
     _C = importlib.import_module("pgs_kernels._C")
 
     NATIVE_AVAILABLE = True
@@ -61,18 +72,29 @@ except ImportError as exc:
     TRITON_ERROR = exc
 
 
-def reference_kernel(*args):
-    """The operator's CPU kernel where the native one is not built: the
-    reference in fp32, with scores in fp32 as the kernels give them."""
-    from python_ref.pgs import pgs_select_core  # loaded only when this kernel runs
+def run_reference(*args):
+    """The reference in fp32 on checked arguments (the ``reference`` backend
+    calls it directly: ``pgs_select`` has checked them)."""
+    from python_ref.pgs import pgs_select_core  # loaded only when the reference runs
 
+    return pgs_select_core(*args, torch.float32)
+
+
+def reference_kernel(*args):
+    """The reference, after the operator's checks."""
     check_op_args(*args)
-    keep_idx, mask, edge, cand, r = pgs_select_core(*args, torch.float32)
-    return keep_idx, mask, edge.float(), cand, r.float()
+    return run_reference(*args)
+
+
+def native_kernel(*args):
+    """The native C++ kernel, after the operator's checks."""
+    check_op_args(*args)
+    return torch.ops.pgs_kernels._pgs_select_native(*args)
 
 
 def triton_kernel(*args):
-    """The operator's CUDA kernel (and, called directly, the interpreter's)."""
+    """The fused Triton kernel, after the operator's checks (on CUDA through
+    the operator; on CPU tensors under ``TRITON_INTERPRET=1`` called directly)."""
     check_op_args(*args)
     return pgs_select_triton(*args)
 
@@ -103,10 +125,22 @@ def native_missing_message(error: ImportError) -> str:
 
 if not NATIVE_AVAILABLE:
     warnings.warn(native_missing_message(NATIVE_ERROR), RuntimeWarning, stacklevel=2)
-    _lib.impl("pgs_select", reference_kernel, "CPU")
 
+#: Which kernel the operator runs per device type (every other device: ``reference``).
+KERNELS: Dict[str, str] = {
+    "cpu": "native" if NATIVE_AVAILABLE else "reference",
+    "cuda": "triton" if TRITON_AVAILABLE else "reference",
+}
+_lib.impl("pgs_select", reference_kernel, "CompositeExplicitAutograd")
+if NATIVE_AVAILABLE:
+    torch.library.register_kernel(OP_NAME, "cpu", native_kernel)
 if TRITON_AVAILABLE:
     torch.library.register_kernel(OP_NAME, "cuda", triton_kernel)
+
+
+def kernel_name(device_type: str) -> str:
+    """The name of the kernel the operator runs for tensors on ``device_type``."""
+    return KERNELS.get(device_type, "reference")
 
 
 @torch.library.register_fake(OP_NAME)

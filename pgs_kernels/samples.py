@@ -1,17 +1,15 @@
-"""Sample inputs for the demo, the tests and the benchmarks.
+"""Sample inputs for the demo (and the tests and benchmarks that use the same ones).
 
 * Photos: scikit-image's sample photos, centre-cropped to the requested
-  aspect ratio and resized by area (:func:`photo`, :func:`load_photo`).
+  aspect ratio and resized by area (:func:`photo`).
 * Normalization: :func:`standardize` (per image and channel, mean 0 and
   std 1) and :func:`clip_normalize` (OpenAI CLIP's fixed channel mean/std).
 * Scenes with ground truth (:func:`make_scene`): textured objects on smooth,
-  gradient or textured backgrounds, with the exact object mask, for
-  measuring what a masking method keeps.
-* Captioned scenes (:class:`CaptionedScenes`): coloured shapes in a 3x3
-  layout with a caption naming each one's colour, shape and place, for
-  training a small CLIP.
+  gradient or textured backgrounds, with the exact object mask.
 * :func:`grey_dropped`: a display image with the dropped patches greyed out,
   for figures.
+
+The captioned scenes that bench/clip trains on live in ``bench/clip/scenes.py``.
 
 numpy and scikit-image are imported inside the functions that need them, so
 ``import pgs_kernels`` stays light.
@@ -32,14 +30,9 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "photo",
-    "load_photo",
-    "load_photos",
     "standardize",
     "clip_normalize",
     "make_scene",
-    "make_scenes",
-    "object_patches",
-    "CaptionedScenes",
     "grey_dropped",
 ]
 
@@ -95,19 +88,6 @@ def photo(name: str, size: Size = 224) -> Tensor:
     img = img[top:top + ch, left:left + cw, :3]
     t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None]
     return F.interpolate(t, size=(H, W), mode="area")[0].clamp(0, 1)
-
-
-def load_photo(name: str, size: Size = 224):
-    """The standardized ``(3, H, W)`` float32 photo and its ``(H, W, 3)`` numpy
-    display image in [0, 1]."""
-    rgb = photo(name, size)
-    return standardize(rgb), rgb.permute(1, 2, 0).numpy()
-
-
-def load_photos(names: Sequence[str] = PHOTO_NAMES, size: Size = 224):
-    """``(N, 3, H, W)`` standardized photos and their display images."""
-    pairs = [load_photo(n, size) for n in names]
-    return torch.stack([p[0] for p in pairs]), [p[1] for p in pairs]
 
 
 # ----------------------------------------------------------------------------- scenes with ground truth
@@ -222,123 +202,6 @@ def make_scene(seed: int, size: int = 224, background: str | None = None) -> Dic
         "mask": torch.from_numpy(mask),
         "background": kind,
     }
-
-
-def make_scenes(seeds: Sequence[int], size: int = 224):
-    """A batch of scenes: images (B, 3, H, W), masks (B, H, W), backgrounds, displays."""
-    scenes = [make_scene(int(s), size) for s in seeds]
-    return (
-        torch.stack([s["image"] for s in scenes]),
-        torch.stack([s["mask"] for s in scenes]),
-        [s["background"] for s in scenes],
-        [s["display"] for s in scenes],
-    )
-
-
-def object_patches(masks: Tensor, patch_size: int, min_fraction: float = 0.5) -> Tensor:
-    """(B, H, W) pixel masks -> (B, L) bool: patch holds >= ``min_fraction``
-    object pixels; patches in row-major order."""
-    B, H, W = masks.shape
-    P = patch_size
-    frac = masks.float().reshape(B, H // P, P, W // P, P).mean(dim=(2, 4))
-    return (frac >= min_fraction).reshape(B, -1)
-
-
-# ----------------------------------------------------------------------------- captioned scenes
-
-COLORS = {
-    "red": (0.9, 0.1, 0.1),
-    "green": (0.1, 0.8, 0.2),
-    "blue": (0.15, 0.3, 0.95),
-    "yellow": (0.95, 0.9, 0.1),
-    "purple": (0.6, 0.2, 0.8),
-    "white": (0.95, 0.95, 0.95),
-    "orange": (1.0, 0.55, 0.05),
-    "cyan": (0.1, 0.85, 0.9),
-}
-SHAPES = ("circle", "square", "triangle", "cross")
-# 3x3 layout cells, row-major, and how a caption names them
-PLACES = ("at the top left", "at the top", "at the top right",
-          "on the left", "in the center", "on the right",
-          "at the bottom left", "at the bottom", "at the bottom right")
-
-
-def object_phrase(color: str, shape: str, place: str | None = None) -> str:
-    """``"a red circle"``, ``"an orange square on the left"``."""
-    text = f"{'an' if color[0] in 'aeiou' else 'a'} {color} {shape}"
-    return text if place is None else f"{text} {place}"
-
-
-class CaptionedScenes:
-    """Deterministic captioned scenes; sample ``i`` depends only on ``(seed, i)``.
-
-    1 to ``max_shapes`` shapes (circle, square, triangle, cross) of distinct
-    colours, each in its own cell of a 3x3 layout, on a dark, slightly noisy
-    background; captioned e.g. "a red circle on the left and a blue square at
-    the bottom" (objects read top-left to bottom-right). The background says
-    nothing about the caption: only the objects do.
-    """
-
-    def __init__(self, image_size: int = 64, seed: int = 0, max_shapes: int = 3):
-        if not 1 <= max_shapes <= len(PLACES):
-            raise ValueError(f"max_shapes must be in [1, {len(PLACES)}], got {max_shapes}")
-        self.image_size, self.seed, self.max_shapes = image_size, seed, max_shapes
-
-    def describe(self, index: int):
-        """The scene of sample ``index``: a list of (color, shape, cell, jitter, scale), and its caption."""
-        import numpy as np
-
-        rng = np.random.default_rng([self.seed, index])
-        n = int(rng.integers(1, self.max_shapes + 1))
-        cells = rng.choice(len(PLACES), size=n, replace=False)
-        colors = rng.choice(len(COLORS), size=n, replace=False)
-        objs = []
-        for c, cell in zip(colors, cells):
-            objs.append((list(COLORS)[c], SHAPES[int(rng.integers(len(SHAPES)))], int(cell),
-                         rng.uniform(-0.04, 0.04, size=2), float(rng.uniform(0.10, 0.15))))
-        objs.sort(key=lambda o: o[2])
-        parts = [object_phrase(col, shp, PLACES[cell]) for col, shp, cell, _, _ in objs]
-        caption = parts[0] if n == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-        return objs, caption
-
-    def render(self, indices: Sequence[int], device: torch.device | str = "cpu") -> Tuple[Tensor, List[str]]:
-        """Pixels in [0, 1], (B, 3, S, S) on ``device``, and captions. Shapes are
-        drawn as masks on a shared coordinate grid, one slot per shape."""
-        S, B = self.image_size, len(indices)
-        scenes = [self.describe(int(i)) for i in indices]
-        n = self.max_shapes
-        # per (sample, slot): centre, half-size, colour, shape id; absent slots get size 0
-        cx = torch.zeros(B, n); cy = torch.zeros(B, n); hs = torch.zeros(B, n)
-        rgb = torch.zeros(B, n, 3); kind = torch.full((B, n), -1)
-        for b, (objs, _) in enumerate(scenes):
-            for s, (col, shp, cell, jit, scale) in enumerate(objs):
-                cy[b, s] = (cell // 3 + 0.5) / 3 + jit[0]
-                cx[b, s] = (cell % 3 + 0.5) / 3 + jit[1]
-                hs[b, s] = scale
-                rgb[b, s] = torch.tensor(COLORS[col])
-                kind[b, s] = SHAPES.index(shp)
-        cx, cy, hs, rgb, kind = (t.to(device) for t in (cx, cy, hs, rgb, kind))
-        coords = (torch.arange(S, device=device, dtype=torch.float32) + 0.5) / S
-        yy, xx = coords.view(1, 1, S, 1), coords.view(1, 1, 1, S)
-        dx, dy = xx - cx[..., None, None], yy - cy[..., None, None]  # (B, n, S, S)
-        h = hs[..., None, None]
-        k = kind[..., None, None]
-        circle = dx * dx + dy * dy <= h * h
-        square = (dx.abs() <= 0.85 * h) & (dy.abs() <= 0.85 * h)
-        # apex up: the half-width grows linearly from the top edge to the base
-        triangle = (dy >= -h) & (dy <= h) & (dx.abs() <= (dy + h) * 0.5)
-        cross = ((dx.abs() <= 0.3 * h) & (dy.abs() <= h)) | ((dy.abs() <= 0.3 * h) & (dx.abs() <= h))
-        inside = ((k == 0) & circle) | ((k == 1) & square) | ((k == 2) & triangle) | ((k == 3) & cross)
-        # background noise per sample (seeded by its index), coarse so that it stays cheap at 224²
-        c = max(1, S // 4)
-        g = torch.Generator(device="cpu")
-        noise = torch.stack([torch.rand(3, c, c, generator=g.manual_seed(int(self.seed) * 1000003 + int(i)))
-                             for i in indices]) if B else torch.zeros(0, 3, c, c)
-        img = 0.12 + 0.04 * F.interpolate(noise.to(device), size=(S, S), mode="nearest")
-        for s in range(n):  # later slots paint over earlier ones; cells are distinct so overlap is rare
-            m = inside[:, s, None]
-            img = torch.where(m, rgb[:, s, :, None, None], img)
-        return img, [c for _, c in scenes]
 
 
 # ----------------------------------------------------------------------------- figures

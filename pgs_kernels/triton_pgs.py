@@ -616,16 +616,14 @@ def _pgs_kernel(
     BK: tl.constexpr, BJ: tl.constexpr, NJ: tl.constexpr, S_REG: tl.constexpr, E: tl.constexpr, DB: tl.constexpr,
     USE_PIX: tl.constexpr, USE_TOK: tl.constexpr, TOK_LOWP: tl.constexpr,
     USE_EDGE: tl.constexpr, USE_OT: tl.constexpr, HAS_CAND: tl.constexpr,
-    FIRST: tl.constexpr, LAST: tl.constexpr,
+    FIRST: tl.constexpr, LAST: tl.constexpr, FWS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     L: tl.constexpr = GH * GW
     W: tl.constexpr = GW * P
     LP: tl.constexpr = NJ * BJ
-    # Per-program scratch: fp32 [col_g | col_t | col_q | col_s (GH x W each) | e | c | ι | ι^t (BLOCK_L each)
-    # | S (BK x LP) | B or g (LP, when Sinkhorn streams S)], int32 [order (BLOCK_L)].
-    FWS: tl.constexpr = 4 * GH * W + 4 * BLOCK_L + BK * LP + (0 if S_REG else LP)
+    # Per-program scratch, FWS floats (_scratch_floats) and BLOCK_L ints: the layout is there.
     fws = fws_ptr + pid.to(tl.int64) * FWS
     col_g = fws
     col_t = fws + GH * W
@@ -725,6 +723,14 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def _scratch_floats(GH: int, W: int, BLOCK_L: int, BK: int, LP: int, s_reg: bool) -> int:
+    """fp32 scratch per program, in the order the kernel lays it out: column
+    sums col_g, col_t, col_q, col_s (GH x W each); e, c, ι, ι^t (BLOCK_L
+    each); S (BK x LP); B or g (LP, only when Sinkhorn streams S). The int32
+    scratch is the selection order (BLOCK_L)."""
+    return 4 * GH * W + 4 * BLOCK_L + BK * LP + (0 if s_reg else LP)
+
+
 def _launch_config(B, C, H, W, P, D, k, alpha, tok_lowp, edge_weight, use_ot, ot_iters):
     """Grid size, fp32 scratch per program and the kernel's compile-time
     arguments for one call (also what ``bench.kernel_report`` compiles)."""
@@ -742,7 +748,7 @@ def _launch_config(B, C, H, W, P, D, k, alpha, tok_lowp, edge_weight, use_ot, ot
     NJ = triton.cdiv(L, BJ)
     LP = NJ * BJ
     s_reg = BK * LP <= _S_TILE
-    fws_cols = 4 * GH * W + 4 * BLOCK_L + BK * LP + (0 if s_reg else LP)
+    fws_cols = _scratch_floats(GH, W, BLOCK_L, BK, LP, s_reg)
     per_prog = 4 * fws_cols + 4 * BLOCK_L
     nprog = max(1, min(B, _SCRATCH_BUDGET // per_prog))
     meta = dict(
@@ -750,7 +756,7 @@ def _launch_config(B, C, H, W, P, D, k, alpha, tok_lowp, edge_weight, use_ot, ot
         NSEG=nseg, NSTRIP=triton.cdiv(W, nseg * _SEG.value), BLOCK_L=BLOCK_L,
         BK=BK, BJ=BJ, NJ=NJ, S_REG=s_reg, E=16, DB=16,
         USE_PIX=alpha < 1, USE_TOK=alpha > 0, TOK_LOWP=bool(tok_lowp),
-        USE_EDGE=float(edge_weight) != 0.0, USE_OT=bool(use_ot), HAS_CAND=has_cand,
+        USE_EDGE=float(edge_weight) != 0.0, USE_OT=bool(use_ot), HAS_CAND=has_cand, FWS=fws_cols,
         num_warps=8, num_stages=2, maxnreg=128,
     )
     return nprog, fws_cols, meta
@@ -786,8 +792,6 @@ def _launch_plan(images, tokens, noise, patch_size, num_keep, num_candidates, si
 
     alpha = float(token_weight)
     use_tok = alpha > 0
-    if use_tok and tokens is None:
-        raise ValueError(f"token_weight={token_weight} > 0 needs tokens, got tokens=None")
     tok = tokens if use_tok else images  # a placeholder pointer when tokens are off
     if use_tok:
         D = tokens.shape[2]

@@ -7,6 +7,8 @@ The per-backend files (test_native.py, test_triton.py) add what only that
 backend has: layouts and threads, tile paths, compilation.
 """
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -52,11 +54,24 @@ def test_photos_match_reference(backend, photos):
         assert_matches_reference(backend, imgs, patch_size=P, min_decided=0.6, **opts)
 
 
-def test_auto_is_the_first_available_of_its_order():
-    for device in ("cpu",) + (("cuda",) if torch.cuda.is_available() else ()):
-        usable = pgs_kernels.available_backends(device)
-        expect = next(n for n in pgs_kernels.backends.AUTO_ORDER[device] if n in usable)
-        assert resolve_backend("auto", device).name == expect
+def test_auto_is_the_operator_and_names_its_kernel():
+    """"auto" runs the operator, the one per-device dispatch: native on CPU where
+    it is built, Triton on CUDA where it imports, the reference anywhere else."""
+    from pgs_kernels import op
+
+    assert resolve_backend("auto", "cpu").name == ("native" if op.NATIVE_AVAILABLE else "reference")
+    assert resolve_backend("auto", "cuda").name == ("triton" if op.TRITON_AVAILABLE else "reference")
+    assert resolve_backend("auto", "xpu").name == "reference"
+    images = torch.randn(2, 3, 32, 32)
+    noise = torch.rand(2, 4)
+    with mock.patch.object(op, "pgs_select_op", wraps=op.pgs_select_op) as operator:
+        pgs_kernels.pgs_select(images, noise=noise, patch_size=16)
+        assert operator.call_count == 1
+        if "native" in pgs_kernels.available_backends("cpu"):
+            pgs_kernels.pgs_select(images, noise=noise, patch_size=16, backend="native")
+            assert operator.call_count == 2
+        pgs_kernels.pgs_select(images, noise=noise, patch_size=16, backend="reference")  # the oracle, directly
+        assert operator.call_count in (1, 2)
 
 
 def test_resolver_names_backend_and_says_why():

@@ -18,6 +18,8 @@ def test_demo_runs_and_writes_its_figure(tmp_path):
     out = proc.stdout
     assert "PGS selection on 5 images" in out and "keep 98, 10 candidates" in out
     assert "pgs_select backend=reference" in out and "random_masking" in out
+    # timings say how many threads ran them and how busy the machine was
+    assert "1 CPU thread(s); load average" in out and "load average" in out.split("random_masking")[1]
     mean = [ln for ln in out.splitlines() if ln.startswith("mean")][0].split()
     assert float(mean[1]) > float(mean[2])  # PGS keeps more edge energy than random masking
     assert (tmp_path / "pgs_demo.png").stat().st_size > 10_000

@@ -1,6 +1,6 @@
 """Differential fuzzing in CI: every CPU backend against the fp64 reference on
 random shapes, dtypes, layouts, magnitudes within the contract's range, flat
-and NaN regions (bench/fuzz.py draws the cases; each is one seed, printed on
+and NaN regions (python_ref/fuzz.py draws the cases; each is one seed, printed on
 failure: ``python -m bench.fuzz --seed N --cases 1`` replays it). A fixed
 range of seeds, so a run is reproducible; the longer campaign is
 ``python -m bench.fuzz --seconds 600``."""
@@ -8,7 +8,7 @@ range of seeds, so a run is reproducible; the longer campaign is
 import pytest
 
 import pgs_kernels
-from bench.fuzz import CATEGORIES, fuzz
+from python_ref.fuzz import CATEGORIES, fuzz
 
 CPU_BACKENDS = [b for b in pgs_kernels.available_backends("cpu") if b != "triton"]
 

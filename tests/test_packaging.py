@@ -134,7 +134,9 @@ def test_wheel_built_from_the_sdist_loads_its_native_kernel(tmp_path):
         assert op.NATIVE_AVAILABLE, op.NATIVE_ERROR
         for mod in (pgs_kernels, op._C):
             assert mod.__file__.startswith({str(target)!r}), mod.__file__
-        cpu = [ln for ln in torch._C._dispatch_dump(op.OP_NAME).splitlines() if ln.startswith("CPU:")]
+        assert op.KERNELS["cpu"] == "native"
+        cpu = [ln for ln in torch._C._dispatch_dump("pgs_kernels::_pgs_select_native").splitlines()
+               if ln.startswith("CPU:")]
         assert len(cpu) == 1 and "op.cpp" in cpu[0], cpu
         sel = pgs_kernels.pgs_select(torch.randn(2, 3, 32, 32), mask_ratio=0.5, backend="native")
         assert sel.keep_idx.shape == (2, 2)

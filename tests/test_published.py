@@ -25,10 +25,9 @@ import numpy as np
 import pytest
 import torch
 
-from bench.published_fixture import clip_normalize
 from conftest import assert_valid_selection
 from python_ref import published as pub
-from pgs_kernels import pgs_counts
+from pgs_kernels import pgs_counts, samples
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "published_official.npz")
 L = 196
@@ -38,7 +37,7 @@ THETA = 0.5
 def _load():
     d = np.load(FIXTURE)
     meta = json.loads(str(d["meta_json"]))
-    images = clip_normalize(torch.from_numpy(d["images_u8"]))
+    images = samples.clip_normalize(torch.from_numpy(d["images_u8"]).float() / 255.0)
     off = d["case_offsets"]
     cases, tok_at = [], 0
     for c, m in enumerate(meta["cases"]):

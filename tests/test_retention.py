@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench import retention
 from bench.retention import kept_share, object_kept, patch_edge_energy
 from pgs_kernels import samples
 from python_ref import edge_energy
@@ -51,7 +52,7 @@ def test_object_patches_threshold():
     masks = torch.zeros(1, 32, 32, dtype=torch.bool)
     masks[0, :16, :8] = True  # patch 0 half covered -> object patch
     masks[0, 16:, 16:20] = True  # patch 3 a quarter covered -> not
-    obj = samples.object_patches(masks, 16)
+    obj = retention.object_patches(masks, 16)
     assert obj.tolist() == [[True, False, False, False]]
 
 
@@ -94,7 +95,7 @@ def test_photo_is_centre_cropped_not_squashed():
     torch.testing.assert_close(sq, expect, rtol=0, atol=1e-6)
     wide = samples.photo("astronaut", (32, 64))  # 512 x 512: rows 128..384 kept
     assert wide.shape == (3, 32, 64)
-    img, disp = samples.load_photo("camera", 64)  # a grey photo gets three equal channels
+    img, disp = retention.load_photo("camera", 64)  # a grey photo gets three equal channels
     assert img.shape == (3, 64, 64) and disp.shape == (64, 64, 3)
     assert torch.equal(img[0], img[1]) and torch.allclose(img.mean(dim=(1, 2)), torch.zeros(3), atol=1e-5)
 

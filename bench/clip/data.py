@@ -1,6 +1,6 @@
 """Image-caption data for the thin CLIP trainer.
 
-* :class:`SyntheticScenes` (the default): ``pgs_kernels.samples.CaptionedScenes``
+* :class:`SyntheticScenes` (the default): ``bench.clip.scenes.CaptionedScenes``
   (1-3 coloured shapes on a dark, slightly noisy background, each in its own
   cell of a 3x3 layout, captioned e.g. "a red circle on the left and a blue
   square at the bottom"), CLIP-normalized and tokenized. Sample ``i`` depends
@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pgs_kernels.samples import COLORS, PLACES, SHAPES, CaptionedScenes, clip_normalize
+from bench.clip.scenes import COLORS, PLACES, SHAPES, CaptionedScenes
+from pgs_kernels.samples import clip_normalize
 
 class SceneTokenizer:
     """One id per word of the scene captions (plus ``,``); ids 1..n."""
@@ -87,7 +88,7 @@ def pack(ids: List[List[int]], context_length: int, sot: int, eot: int) -> Tenso
 
 
 class SyntheticScenes:
-    """:class:`pgs_kernels.samples.CaptionedScenes` as training data:
+    """:class:`bench.clip.scenes.CaptionedScenes` as training data:
     CLIP-normalized pixels and scene-word token ids; indexable without bound
     (``len`` is nominal)."""
 

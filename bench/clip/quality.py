@@ -5,7 +5,7 @@ beat one trained with random masking, or with the published algorithm?
     python -m bench.clip.quality --steps 20 --seeds 1 --eval-scenes 64   # a smoke run
 
 Trains the tiny CLIP (``bench.clip.model``, ``--model tiny``) on captioned
-scenes (``pgs_kernels.samples.CaptionedScenes``: coloured shapes in a 3x3
+scenes (``bench.clip.scenes.CaptionedScenes``: coloured shapes in a 3x3
 layout on a background that says nothing about the caption) once per mode
 and mask ratio: ``none`` (every patch, once), and ``random``, ``published``
 and ``pgs`` at each ``--ratios`` (default 0.5 and 0.75). Every run of a seed
@@ -58,7 +58,8 @@ from bench.clip.data import SyntheticScenes
 from bench.clip.model import CLIP
 from bench.clip.train import fit, parse_args as train_args
 from bench.common import LoadRecord, argument_parser, environment, out_help, pick_device, result_path, write_result
-from pgs_kernels.samples import COLORS, PLACES, SHAPES, clip_normalize, object_phrase
+from bench.clip.scenes import COLORS, PLACES, SHAPES, object_phrase
+from pgs_kernels.samples import clip_normalize
 
 MODES = ("none", "random", "published", "pgs")
 DEFAULT_OUT = "train-quality-cpu.json"
