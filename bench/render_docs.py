@@ -927,19 +927,47 @@ def device_label(doc: dict) -> str:
     return "CPU" if doc.get("device") == "cpu" else str(doc.get("device", "?")).upper()
 
 
+# bench/clip/throughput.py's defaults, so that a command names only what differs
+THROUGHPUT_DEFAULTS = {"cpu": dict(model="tiny", batch_size=64, warmup=3), "cuda": dict(model="vit-b-16",
+                                                                                      batch_size=256, warmup=5)}
+THROUGHPUT_MODES = {"own": ["none", "random", "pgs", "pgs-reference", "published"],
+                    "open_clip": ["none", "random", "pgs", "pgs-reference"]}
+
+
 def throughput_command(doc: dict) -> str:
+    """The command that reproduces ``doc``: every option that is not the default."""
     cpu = doc.get("device") == "cpu"
-    default = "tiny" if cpu else "vit-b-16"
+    default = THROUGHPUT_DEFAULTS["cpu" if cpu else "cuda"]
     parts = ["python -m bench.clip.throughput"]
     if not cpu:
         parts.append("--device cuda")
-    if doc.get("model") != default:
+    if doc.get("model") != default["model"]:
         parts.append(f"--model {doc['model']}")
+    if doc.get("batch_size") != default["batch_size"]:
+        parts.append(f"--batch-size {doc['batch_size']}")
     if cpu and doc.get("threads"):
         parts.append(f"--threads {doc['threads']}")
+    if doc.get("steps", 20) != 20:
+        parts.append(f"--steps {doc['steps']}")
+    if doc.get("warmup", default["warmup"]) != default["warmup"]:
+        parts.append(f"--warmup {doc['warmup']}")
     if doc.get("repeats"):
         parts.append(f"--repeats {doc['repeats']}")
+    modes = [r["mode"] for r in doc["rows"]]
+    family = "open_clip" if str(doc.get("model", "")).startswith("open_clip:") else "own"
+    if modes != THROUGHPUT_MODES[family]:
+        parts.append(f"--modes {','.join(modes)}")
     return " ".join(parts + ["--refresh"])
+
+
+def rate(x: float) -> str:
+    """Images per second: whole numbers where they are large, 3 significant figures where not."""
+    return count(round(x)) if x >= 100 else sig(x)
+
+
+def share(x: float) -> str:
+    """A share of a step, to a tenth of a percent, or two significant figures below that."""
+    return percent(x) if x >= 0.001 else f"{100 * x:.2g} %"
 
 
 def mode_rank(mode: str) -> int:
@@ -951,10 +979,10 @@ def throughput_table(doc: dict) -> str:
     for r in sorted(doc["rows"], key=lambda r: mode_rank(r["mode"])):
         mode = r["mode"]
         label = bold(f"pgs ({doc.get('pgs_backend', '?')})" if mode == "pgs" else mode, mode == "pgs")
-        sel = "–" if mode == "none" else f"{sig(r['sel_ms'])} ({percent(r['sel_share_of_step'])})"
+        sel = "–" if mode == "none" else f"{sig(r['sel_ms'])} ({share(r['sel_share_of_step'])})"
         ratio = lambda k: fixed(r[k], 2) if k in r else "–"
-        rows.append([label, count(round(r["tower_images_per_s"])), ratio("tower_speedup_vs_none"),
-                     count(round(r["step_images_per_s"])), ratio("step_speedup_vs_none"),
+        rows.append([label, rate(r["tower_images_per_s"]), ratio("tower_speedup_vs_none"),
+                     rate(r["step_images_per_s"]), ratio("step_speedup_vs_none"),
                      bold(ratio("step_time_vs_random"), mode == "pgs"), sel])
     return table(["mask", "image-tower img/s", "× none", "CLIP step img/s", "× none", "step / random",
                   "masking ms (share of step)"], rows)
@@ -977,8 +1005,8 @@ def throughput_targets(doc: dict) -> str:
     figures = "; ".join(f"{what}: {x:.2f}, {'met' if ok else 'missed'}" for what, x, ok in checks)
     if doc.get("targets_apply"):
         return f"Targets for PGS (this run counts): {figures}."
-    return (f"PGS against the targets set for ViT-B/16 on an H100 ({figures}); this run is another model or "
-            "machine, so they are reported, not applied: a short step makes the masking's share larger.")
+    return (f"PGS against the targets set for ViT-B/16 on an H100 ({figures}): reported, not applied, as this "
+            "run is another model or machine (the smaller the step, the larger the masking's share).")
 
 
 def throughput_compare(own: dict, oc: dict) -> str:
@@ -987,7 +1015,7 @@ def throughput_compare(own: dict, oc: dict) -> str:
     b = {r["mode"]: r for r in oc["rows"]}
     modes = sorted(set(a) | set(b), key=mode_rank)
     cell = lambda rows, m, k, fmt: fmt(rows[m][k]) if m in rows and k in rows[m] else "–"
-    img = lambda x: count(round(x))
+    img = rate
     two = lambda x: fixed(x, 2)
     rows = [[m, cell(a, m, "tower_images_per_s", img), cell(a, m, "tower_speedup_vs_none", two),
              cell(b, m, "tower_images_per_s", img), cell(b, m, "tower_speedup_vs_none", two),
@@ -1019,7 +1047,7 @@ def throughput(files: dict) -> str:
     for name, doc in docs:
         setup = (f"Batch {doc['batch_size']}, {doc['precision']}, `mask_ratio={doc['mask_ratio']:g}`, "
                  f"`token_weight={doc['token_weight']:g}`; {doc['repeats']} rounds of {doc['steps']} steps after "
-                 f"{doc['warmup']} warm-up steps.")
+                 f"{doc['warmup']} warm-up step{'s' if doc['warmup'] != 1 else ''}.")
         parts += [f"### {model_label(doc['model'])} on {device_label(doc)}", code(throughput_command(doc)),
                   provenance(files, name, doc), setup, throughput_table(doc), throughput_targets(doc)]
     for device in sorted({d.get("device") for _, d in docs}):

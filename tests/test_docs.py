@@ -75,3 +75,43 @@ def test_a_changed_number_changes_the_page(tmp_path):
     assert after != before
     assert "native **0 mismatches**, 4,321 near-ties" in after
     assert "| 1 | 99.9 |" in after and "| 1 | 99.9 |" not in before
+
+
+# --------------------------------------------------------------------------- the README
+
+
+def _readme() -> str:
+    with open(os.path.join(render_docs.ROOT, "README.md")) as f:
+        return f.read()
+
+
+def test_readme_results_quote_the_rendered_page():
+    """Every figure the README's Results section quotes is on docs/benchmarks.md,
+    which is rendered from the JSON: the README cannot drift from the data."""
+    import re
+
+    text = _readme()
+    results = text[text.index("## Results"):text.index("## Layout")]
+    with open(render_docs.PAGE) as f:
+        page = f.read()
+    figures = re.findall(r"(?<![\w.])\d[\d,]*\.\d+|(?<![\w.])\d{1,3}(?:,\d{3})+", results)
+    assert len(figures) >= 15, figures
+    missing = [x for x in figures if x not in page]
+    assert not missing, f"README figures not on docs/benchmarks.md: {missing}"
+    for anchor in re.findall(r"docs/benchmarks\.md#([\w-]+)", text):
+        heading = [ln for ln in page.splitlines() if ln.startswith("## ")
+                   and re.sub(r"[^\w\- ]", "", ln[3:].strip().lower()).replace(" ", "-") == anchor]
+        assert heading, f"README links to #{anchor}, which docs/benchmarks.md has no heading for"
+
+
+def test_readme_vit_example_runs_as_pasted():
+    """The README's own-ViT example, verbatim: the layer keeps CLS and K of the
+    patches in training and follows the schedule."""
+    import re
+
+    block = [b for b in re.findall(r"```python\n(.*?)```", _readme(), flags=re.S) if "class TinyViT" in b]
+    assert len(block) == 1
+    scope = {}
+    exec(compile(block[0], "README.md", "exec"), scope)
+    assert tuple(scope["out"].shape) == (8, 9, 64)
+    assert scope["model"].patch_dropout.token_weight == 0.3
