@@ -38,6 +38,7 @@ the kernel Triton compiled.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -193,8 +194,28 @@ def ptxas_usage(ptx: str, cubin: bytes, capability: int, options) -> dict:
         with open(out, "rb") as f:
             same = f.read() == cubin
     if not same:
-        raise RuntimeError(f"{' '.join(cmd)} does not reproduce Triton's cubin: not the command Triton ran")
+        raise CubinMismatch(f"{' '.join(cmd)} does not reproduce Triton's cubin: not the command Triton ran")
     return dict(parse_ptxas_log(proc.stderr + proc.stdout), ptxas=tool_release(cmd[0]))
+
+
+class CubinMismatch(RuntimeError):
+    """ptxas run again on Triton's PTX wrote another cubin than Triton's."""
+
+
+@contextlib.contextmanager
+def private_cache():
+    """Triton's cache in a fresh folder for the duration (``TRITON_CACHE_DIR``
+    is read at each compile by every release from 3.0 to 3.9)."""
+    saved = os.environ.get("TRITON_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["TRITON_CACHE_DIR"] = tmp
+        try:
+            yield
+        finally:
+            if saved is None:
+                del os.environ["TRITON_CACHE_DIR"]
+            else:
+                os.environ["TRITON_CACHE_DIR"] = saved
 
 
 def compile_launch(kernel, args, meta, capability: int) -> dict:
@@ -207,8 +228,20 @@ def compile_launch(kernel, args, meta, capability: int) -> dict:
 
     target = GPUTarget("cuda", capability, 32)
     spec = specialize(kernel, args, meta)
-    ck = triton.compile(ast_source(kernel, spec), target=target, options=spec["options"])
     options = make_backend(target).parse_options(spec["options"])
-    cubin, ptx = ck.asm["cubin"], ck.asm["ptx"]
-    return dict(cubin=cubin, ptx=ptx, num_warps=ck.metadata.num_warps, shared=ck.metadata.shared,
-                name=ck.metadata.name, **ptxas_usage(ptx, cubin, capability, options))
+
+    def compile_and_check():
+        ck = triton.compile(ast_source(kernel, spec), target=target, options=spec["options"])
+        cubin, ptx = ck.asm["cubin"], ck.asm["ptx"]
+        return dict(cubin=cubin, ptx=ptx, num_warps=ck.metadata.num_warps, shared=ck.metadata.shared,
+                    name=ck.metadata.name, **ptxas_usage(ptx, cubin, capability, options))
+
+    try:
+        return compile_and_check()
+    except CubinMismatch:
+        # Triton's cache key leaves out the source file's path, which the PTX's
+        # line info names: two checkouts compiling the same kernel at once can
+        # leave one's PTX beside the other's cubin. Compile afresh to tell a
+        # mixed cache entry from a real difference in the ptxas command.
+        with private_cache():
+            return compile_and_check()
