@@ -73,8 +73,9 @@ def test_no_candidates_no_edge_is_random_masking(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_same_noise_same_answer_and_generator_seed(backend):
-    x = _x(B=3)
-    noise = torch.rand(3, 6, device=DEVICE)
+    B = 1 if (backend == "triton" and INTERPRETED) else 3  # the interpreter's cost is per image
+    x = _x(B=B)
+    noise = torch.rand(B, 6, device=DEVICE)
     a = pgs_select(x, noise=noise, backend=backend)
     b = pgs_select(x, noise=noise, backend=backend)
     assert torch.equal(a.keep_idx, b.keep_idx)
