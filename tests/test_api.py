@@ -4,6 +4,7 @@ Runs on every backend usable here; test_agreement.py compares each backend
 with the reference in detail (non-finite inputs included).
 """
 
+import itertools
 
 import pytest
 import torch
@@ -35,9 +36,17 @@ def test_counts(L, mask_ratio, candidate_ratio, expect):
     assert pgs_counts(L, mask_ratio, candidate_ratio) == expect
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mask_ratio", [0.0, 0.3, 0.5, 0.75, 0.95])
-@pytest.mark.parametrize("candidate_ratio", [0.0, 0.05, 0.5, 1.0])
+def _count_grid():
+    """(backend, mask_ratio, candidate_ratio): the whole grid for every backend
+    but the interpreter, which gets its corners and middle (the agreement
+    table runs it on some twenty other pairs, the extremes among them)."""
+    for backend, mr, cr in itertools.product(BACKENDS, (0.0, 0.3, 0.5, 0.75, 0.95), (0.0, 0.05, 0.5, 1.0)):
+        if backend == "triton" and INTERPRETED and (mr not in (0.0, 0.5, 0.95) or cr == 0.5):
+            continue
+        yield backend, mr, cr
+
+
+@pytest.mark.parametrize("backend,mask_ratio,candidate_ratio", list(_count_grid()))
 def test_invariants_and_counts(backend, mask_ratio, candidate_ratio):
     B = 1 if (backend == "triton" and INTERPRETED) else 3  # the interpreter's cost is per image
     x = _x(B=B, H=32, W=40)
