@@ -762,6 +762,14 @@ def _launch_config(B, C, H, W, P, D, k, alpha, tok_lowp, edge_weight, use_ot, ot
     return nprog, fws_cols, meta
 
 
+def _inv_reg(ot_reg) -> float:
+    """log2(e) / eps, the Sinkhorn scale the kernel takes; eps = 0 (which only
+    a direct call of the raw operator can pass) scales by infinity as the
+    device division would, so the kernel still writes a valid selection."""
+    ot_reg = float(ot_reg)
+    return _LOG2E / ot_reg if ot_reg != 0.0 else math.copysign(math.inf, ot_reg)
+
+
 def _launch_plan(images, tokens, noise, patch_size, num_keep, num_candidates, sim_threshold,
                  token_weight, edge_weight, use_ot, ot_reg, ot_iters, compiled):
     """The outputs (allocated, not yet written) and the launches that fill
@@ -817,7 +825,7 @@ def _launch_plan(images, tokens, noise, patch_size, num_keep, num_candidates, si
         keep_idx, mask, edge, cand, red,
         fws, iws,
         B, M, K, k,
-        float(sim_threshold), alpha, float(edge_weight), _LOG2E / float(ot_reg),
+        float(sim_threshold), alpha, float(edge_weight), _inv_reg(ot_reg),
         -math.log2(k) if k > 0 else 0.0, -math.log2(L), 1.0 / k if k > 0 else 0.0, 1.0 / L,
     )
     if meta["USE_TOK"] and meta["USE_PIX"] and meta["HAS_CAND"] and meta["ITERS"] == 1:

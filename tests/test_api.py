@@ -1,19 +1,19 @@
 """The public API: counts, invariants, equivalences, determinism, errors.
 
-Runs on every backend usable here; the Triton and native kernels have their
-own files comparing them with the reference in detail.
+Runs on every backend usable here; test_agreement.py compares each backend
+with the reference in detail (non-finite inputs included).
 """
 
+import itertools
 
 import pytest
 import torch
 
 import pgs_kernels
 import python_ref as R
-from conftest import DEVICE, assert_valid_selection
+from conftest import BACKENDS, DEVICE, INTERPRETED, assert_valid_selection
 from pgs_kernels import pgs_counts, pgs_select
 
-BACKENDS = [b for b in pgs_kernels.available_backends(DEVICE)]
 
 
 def _x(B=2, C=3, H=32, W=48, seed=0, dtype=torch.float32):
@@ -36,18 +36,27 @@ def test_counts(L, mask_ratio, candidate_ratio, expect):
     assert pgs_counts(L, mask_ratio, candidate_ratio) == expect
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mask_ratio", [0.0, 0.3, 0.5, 0.75, 0.95])
-@pytest.mark.parametrize("candidate_ratio", [0.0, 0.05, 0.5, 1.0])
+def _count_grid():
+    """(backend, mask_ratio, candidate_ratio): the whole grid for every backend
+    but the interpreter, which gets its corners and middle (the agreement
+    table runs it on some twenty other pairs, the extremes among them)."""
+    for backend, mr, cr in itertools.product(BACKENDS, (0.0, 0.3, 0.5, 0.75, 0.95), (0.0, 0.05, 0.5, 1.0)):
+        if backend == "triton" and INTERPRETED and (mr not in (0.0, 0.5, 0.95) or cr == 0.5):
+            continue
+        yield backend, mr, cr
+
+
+@pytest.mark.parametrize("backend,mask_ratio,candidate_ratio", list(_count_grid()))
 def test_invariants_and_counts(backend, mask_ratio, candidate_ratio):
-    x = _x(B=3, H=32, W=40)
+    B = 1 if (backend == "triton" and INTERPRETED) else 3  # the interpreter's cost is per image
+    x = _x(B=B, H=32, W=40)
     L = (32 // 8) * (40 // 8)
     K, M, k = pgs_counts(L, mask_ratio, candidate_ratio)
     sel = pgs_select(x, patch_size=8, mask_ratio=mask_ratio, candidate_ratio=candidate_ratio,
                      return_scores=True, backend=backend)
-    assert_valid_selection(sel, 3, L, K)
-    assert sel.candidates.shape == (3, k) and sel.candidates.dtype == torch.int64
-    assert sel.edge.shape == (3, L) and sel.redundancy.shape == (3, L)
+    assert_valid_selection(sel, B, L, K)
+    assert sel.candidates.shape == (B, k) and sel.candidates.dtype == torch.int64
+    assert sel.edge.shape == (B, L) and sel.redundancy.shape == (B, L)
     # Candidates are dropped first: min(M, k) of them are always in the mask.
     dropped_cands = torch.gather(sel.mask, 1, sel.candidates[:, : min(M, k)])
     assert dropped_cands.all()
@@ -73,8 +82,9 @@ def test_no_candidates_no_edge_is_random_masking(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_same_noise_same_answer_and_generator_seed(backend):
-    x = _x(B=3)
-    noise = torch.rand(3, 6, device=DEVICE)
+    B = 1 if (backend == "triton" and INTERPRETED) else 3  # the interpreter's cost is per image
+    x = _x(B=B)
+    noise = torch.rand(B, 6, device=DEVICE)
     a = pgs_select(x, noise=noise, backend=backend)
     b = pgs_select(x, noise=noise, backend=backend)
     assert torch.equal(a.keep_idx, b.keep_idx)
@@ -91,19 +101,6 @@ def test_mask_ratio_zero_drops_nothing(backend):
     sel = pgs_select(_x(), patch_size=8, mask_ratio=0.0, backend=backend)
     assert not sel.mask.any() and sel.keep_idx.shape == (2, 24)
     assert torch.equal(sel.keep_idx, torch.arange(24, device=DEVICE).expand(2, 24))
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_nonfinite_images_and_tokens_give_valid_outputs(backend, bad):
-    x = _x(B=3, H=32, W=32)
-    x[0, 0, 3, 5] = bad
-    x[1] = bad
-    t = torch.randn(3, 16, 8, device=DEVICE)
-    t[2, 4] = bad
-    for kw in ({}, {"tokens": t, "token_weight": 0.5}, {"use_ot": False}, {"edge_weight": 0.0}):
-        sel = pgs_select(x, patch_size=8, backend=backend, **kw)
-        assert_valid_selection(sel, 3, 16, 8)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -223,10 +220,14 @@ def test_reference_accepts_float64_and_checks_dtype():
         R.pgs_select(x, dtype=torch.float16)
 
 
-def test_empty_batch():
-    for b in BACKENDS:
-        sel = pgs_select(torch.randn(0, 3, 32, 32, device=DEVICE), backend=b, return_scores=True)
-        assert sel.keep_idx.shape == (0, 2) and sel.mask.shape == (0, 4)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    """B = 0: empty outputs of the right shapes and dtypes, no launch, no error."""
+    sel = pgs_select(torch.randn(0, 3, 32, 48, device=DEVICE), patch_size=8, backend=backend, return_scores=True)
+    K, _, k = pgs_counts(24, 0.5, 0.05)
+    assert_valid_selection(sel, 0, 24, K)
+    assert tuple(sel.edge.shape) == (0, 24) and tuple(sel.redundancy.shape) == (0, 24)
+    assert tuple(sel.candidates.shape) == (0, k) and sel.candidates.dtype == torch.int64
 
 
 def test_autocast_does_not_lower_the_math():

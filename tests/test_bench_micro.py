@@ -1,10 +1,16 @@
-"""pytest-benchmark suite: each selection implementation at a small shape.
+"""pytest-benchmark suite: every implementation that bench/micro.py times, on
+the benchmark's own inputs (``micro.make_inputs``) at a small shape, called
+as the harness calls it (``f(images, tokens, noise, P, token_weight)``).
 
 It runs with the normal test run (``python -m pytest``) in a few seconds and
-asserts only that each call returns a well-formed selection, never a time:
-timings on a shared 2-core machine say nothing. Each timing carries the
-machine's load (``extra_info["load"]``), and a busy machine gets a warning in
-the test summary. Larger sweeps live in ``bench/micro.py``.
+asserts what the harness could get wrong, never a time (timings on a shared
+2-core machine say nothing): that each implementation computes what its row
+is named for on those inputs (the PGS ones the fp64 reference's selection,
+``random`` the lowest-noise patches, ``published`` a valid selection of at
+most K), and that each timing carries the machine's load
+(``extra_info["load"]``); a busy machine gets a warning in the test summary.
+For the table: ``pytest tests/test_bench_micro.py --benchmark-enable``;
+larger sweeps: ``python -m bench.micro``.
 """
 
 import os
@@ -13,26 +19,18 @@ import warnings
 import pytest
 import torch
 
-warnings.filterwarnings("ignore", message="pgs_kernels: the native CPU kernel is not built")
+import python_ref
+from bench import micro
+from bench.common import LoadRecord
+from conftest import DEVICE, assert_valid_selection
+from pgs_kernels import pgs_counts
+from python_ref.compare import decided_rows
 
-import pgs_kernels  # noqa: E402
-import python_ref  # noqa: E402
-from bench.common import LoadRecord  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, RES, P = 4, 64, 16
 L = (RES // P) ** 2
-K = max(1, int(L * 0.5))
-INTERPRETED = DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@pytest.fixture(scope="module")
-def inputs():
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(B, 3, RES, RES, generator=g).to(DEVICE)
-    tokens = torch.randn(B, L, 32, generator=g).to(DEVICE)
-    noise = torch.rand(B, L, generator=g).to(DEVICE)
-    return images, tokens, noise
+K, _, _ = pgs_counts(L, 0.5, 0.05)
+# What micro.py times on this device (the compiled reference aside: minutes of compiling).
+IMPLS = micro.make_impls(torch.device(DEVICE), None, compile_ok=False)
 
 
 @pytest.fixture(scope="module")
@@ -44,51 +42,40 @@ def load():
         warnings.warn("the benchmark timings of this run measure a busy machine: " + "; ".join(rec.warnings))
 
 
-def _run(benchmark, fn, load, rounds=5, warmup_rounds=1):
+def _holds_the_reference_selection(sel, images, tokens, noise, tw):
+    """keep_idx and mask equal to the fp64 reference's on every decided row (most of them)."""
+    ref = python_ref.pgs_select(images.double(), tokens.double() if tw > 0 else None, noise=noise, patch_size=P,
+                                token_weight=tw, return_scores=True)
+    decided = decided_rows(ref, noise, 1.0, K, 0.5)
+    assert decided.float().mean() >= 0.5
+    assert torch.equal(sel.keep_idx.cpu()[decided], ref.keep_idx.cpu()[decided])
+    assert torch.equal(sel.mask.cpu()[decided], ref.mask.cpu()[decided])
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("tokens_dtype", [None, "bf16"], ids=["pixels", "tokens"])
+def test_bench_implementation(benchmark, load, impl, tokens_dtype):
+    """One of micro.py's rows: timed with the load recorded, and right."""
+    tdt = micro.DTYPES[tokens_dtype] if tokens_dtype else None
+    tw = micro.TOKEN_WEIGHT if tdt is not None else 0.0
+    images, tokens, noise = micro.make_inputs(B, RES, P, torch.float32, tdt, torch.device(DEVICE))
+    backend, f = IMPLS[impl]
+    benchmark.group = "pgs_select" if impl.startswith("pgs_select") else "baselines"
+    benchmark.extra_info.update(load=load.record(), backend=backend)
     # pedantic: a fixed, small number of rounds keeps the suite fast whatever
     # the default calibration would choose.
-    benchmark.extra_info["load"] = load.record()
-    return benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
+    sel = benchmark.pedantic(lambda: f(images, tokens, noise, P, tw), rounds=5, iterations=1, warmup_rounds=1)
 
-
-def _check(sel, keep=K):
-    assert tuple(sel.keep_idx.shape) == (B, keep)
-    assert int(sel.mask.sum()) == B * (L - keep)
-
-
-@pytest.mark.parametrize("backend", pgs_kernels.available_backends(DEVICE))
-@pytest.mark.parametrize("with_tokens", [False, True], ids=["pixels", "tokens"])
-def test_bench_pgs_select(benchmark, inputs, load, backend, with_tokens):
-    images, tokens, noise = inputs
-    kw = dict(noise=noise, patch_size=P, backend=backend)
-    if with_tokens:
-        kw.update(token_weight=0.5)
-    # Under the Triton interpreter (CPU, TRITON_INTERPRET=1) one call takes
-    # seconds: time it once, as a smoke test of the benchmark path.
-    interp = backend == "triton" and INTERPRETED
-    benchmark.group = "pgs_select"
-    benchmark.extra_info["interpreted"] = interp
-    sel = _run(benchmark, lambda: pgs_kernels.pgs_select(images, tokens if with_tokens else None, **kw), load,
-               rounds=1 if interp else 5, warmup_rounds=0 if interp else 1)
-    _check(sel)
-
-
-def test_bench_reference_fp32(benchmark, inputs, load):
-    images, _, noise = inputs
-    benchmark.group = "baselines"
-    _check(_run(benchmark, lambda: python_ref.pgs_select(images, noise=noise, patch_size=P, dtype=torch.float32),
-                load))
-
-
-def test_bench_published(benchmark, inputs, load):
-    images, _, noise = inputs
-    benchmark.group = "baselines"
-    sel = _run(benchmark, lambda: python_ref.published_pgs(images, noise=noise, patch_size=P), load)
-    # The published keep count depends on the batch; it never exceeds K.
-    assert 1 <= sel.keep_idx.shape[1] <= K
-
-
-def test_bench_random_masking(benchmark, inputs, load):
-    images, _, noise = inputs
-    benchmark.group = "baselines"
-    _check(_run(benchmark, lambda: python_ref.random_masking(images, noise=noise, patch_size=P), load))
+    rec = benchmark.extra_info["load"]
+    assert rec["cpus"] == os.cpu_count() and rec["threads"] == torch.get_num_threads()
+    assert {"before", "others_cores_before", "busy", "warning"} <= set(rec)
+    if impl == "published":  # its keep count depends on the batch; it never exceeds K
+        assert 1 <= sel.keep_idx.shape[1] <= K
+        assert_valid_selection(sel, B, L, sel.keep_idx.shape[1])
+        return
+    assert_valid_selection(sel, B, L, K)
+    if impl == "random":  # the M patches of lowest noise, whatever the images
+        dropped = torch.sort(noise.cpu(), dim=1, stable=True).indices[:, : L - K]
+        assert sel.mask.cpu().gather(1, dropped).all()
+    else:
+        _holds_the_reference_selection(sel, images, tokens, noise, tw)

@@ -1,6 +1,8 @@
 """pgs_kernels.contract: the checks every entry point shares, the raw
-operator's checks, the noise draw, and the numerical promises of the
-contract that concern every backend (flat patches, ranges)."""
+operator's checks (for the operator, its fake implementation and each
+backend's kernel behind it), and the noise draw. The numerical promises that
+concern every backend (flat patches, non-finite inputs, ranges) are held in
+test_agreement.py."""
 
 import math
 from unittest import mock
@@ -9,67 +11,28 @@ import pytest
 import torch
 
 import pgs_kernels
-import python_ref as R
-from conftest import DEVICE, assert_valid_selection
-from pgs_kernels import contract, pgs_select
+from conftest import BACKENDS, DEVICE, assert_valid_selection
+from pgs_kernels import contract, op, pgs_select
 
-BACKENDS = pgs_kernels.available_backends(DEVICE)
 OP = torch.ops.pgs_kernels.pgs_select
+#: Each backend's kernel as the operator runs it: its checks, then its code.
+KERNELS = {"native": op.native_kernel, "triton": op.triton_kernel, "reference": op.reference_kernel}
+
+
+def _on_its_device(backend, args):
+    """The arguments on the device where ``backend``'s kernel runs (Triton:
+    CUDA, or CPU under the interpreter; the others the CPU)."""
+    dev = DEVICE if backend == "triton" else "cpu"
+    return tuple(a.to(dev) if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def _op_args(**over):
     g = torch.Generator().manual_seed(0)
-    args = dict(images=torch.randn(2, 3, 64, 64, generator=g), tokens=None,
-                noise=torch.rand(2, 16, generator=g), patch_size=16, num_keep=8, num_candidates=2,
+    args = dict(images=torch.randn(2, 3, 32, 32, generator=g), tokens=None,
+                noise=torch.rand(2, 16, generator=g), patch_size=8, num_keep=8, num_candidates=2,
                 sim_threshold=0.5, token_weight=0.0, edge_weight=1.0, use_ot=True, ot_reg=0.05, ot_iters=20)
     args.update(over)
     return tuple(args.values())
-
-
-# --------------------------------------------------------------------------- constant patches
-
-
-@pytest.mark.parametrize("value", [0.7, 1.0 / 3.0, -1.3, 2.0, 0.1])
-@pytest.mark.parametrize("C,P", [(1, 16), (3, 8), (3, 14)])
-def test_constant_patches_have_zero_similarity_in_fp32(value, C, P):
-    # Half of each image flat at a value whose mean does not come out exact in fp32.
-    g = torch.Generator().manual_seed(1)
-    H, W = 4 * P, 4 * P
-    x = torch.randn(2, C, H, W, generator=g)
-    x[..., : W // 2] = value
-    L = 16
-    flat = torch.zeros(4, 4, dtype=torch.bool)
-    flat[:, :2] = True
-    flat = flat.reshape(L)
-    noise = torch.rand(2, L, generator=g)
-    kw = dict(noise=noise, patch_size=P, candidate_ratio=0.25, sim_threshold=0.1, edge_weight=0.0,
-              return_scores=True)
-    exact = R.pgs_select(x.double(), **kw)
-    # Every flat patch is exactly orthogonal to every candidate: its S row is 0.
-    S = R.candidate_similarity(x.float(), None, exact.candidates, P, 0.0, torch.float32)
-    assert (S[:, :, flat] == 0).all()
-    assert (S.transpose(1, 2)[:, flat].abs().sum(-1) == 0).all()
-    for backend in BACKENDS:
-        got = pgs_select(x.to(DEVICE), noise=noise.to(DEVICE), backend=backend,
-                         **{k: v for k, v in kw.items() if k != "noise"})
-        assert torch.equal(got.keep_idx.cpu(), exact.keep_idx), backend
-
-
-def test_flat_region_example():
-    # A letterbox-like flat half: with edge_weight=0 the candidates come from
-    # the noise alone; the flat patches must not look redundant to them.
-    x = torch.randn(1, 1, 64, 64, generator=torch.Generator().manual_seed(0))
-    x[..., :32] = 0.7
-    noise = torch.rand(1, 16, generator=torch.Generator().manual_seed(0))
-    kw = dict(noise=noise, candidate_ratio=0.25, sim_threshold=0.1, edge_weight=0.0, return_scores=True)
-    exact = R.pgs_select(x.double(), **kw)
-    for backend in BACKENDS:
-        got = pgs_select(x.to(DEVICE), backend=backend, **{**kw, "noise": noise.to(DEVICE)})
-        flat = torch.tensor([j % 4 < 2 for j in range(16)])
-        not_cand = torch.ones(16, dtype=torch.bool)
-        not_cand[exact.candidates[0]] = False
-        assert (got.redundancy[0].cpu()[flat & not_cand] == 0).all(), backend
-        assert torch.equal(got.keep_idx.cpu(), exact.keep_idx), backend
 
 
 # --------------------------------------------------------------------------- ranges
@@ -93,26 +56,6 @@ def test_range_messages_show_open_infinite_bounds():
 def test_largest_fp32_edge_weight_is_accepted():
     sel = pgs_select(torch.randn(2, 3, 32, 32), patch_size=8, edge_weight=contract.FP32_MAX, return_scores=True)
     assert_valid_selection(sel, 2, 16, 8)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("ot_reg,ot_iters", [(1e-4, 50), (3e-4, 1000), (1e-3, 200)])
-def test_small_ot_reg_agrees_with_fp64(backend, ot_reg, ot_iters):
-    """Down to the contract's ot_reg = 1e-4, over up to 1000 iterations: the
-    redundancy within 1e-4 of fp64, and inside [-1, 1] as an average of
-    similarities must be."""
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 3, 32, 32, generator=g)
-    noise = torch.rand(2, 16, generator=g)
-    kw = dict(noise=noise, patch_size=8, candidate_ratio=0.25, ot_reg=ot_reg, ot_iters=ot_iters,
-              return_scores=True)
-    exact = R.pgs_select(x.double(), **kw)
-    got = pgs_select(x.to(DEVICE), backend=backend, **{**kw, "noise": noise.to(DEVICE)})
-    same = (got.candidates.cpu() == exact.candidates).all(1)
-    assert same.any()
-    torch.testing.assert_close(got.redundancy.cpu().double()[same], exact.redundancy[same], atol=1e-4, rtol=0)
-    r = got.redundancy[torch.isfinite(got.redundancy)]
-    assert (r.abs() <= 1 + 1e-5).all()
 
 
 # --------------------------------------------------------------------------- devices and generators
@@ -155,7 +98,7 @@ def test_raw_op_mixed_devices_is_an_error_not_garbage():
 
 
 def test_raw_op_on_meta_infers_shapes():
-    args = _op_args(images=torch.empty(2, 3, 64, 64, device="meta"), noise=torch.empty(2, 16, device="meta"))
+    args = _op_args(images=torch.empty(2, 3, 32, 32, device="meta"), noise=torch.empty(2, 16, device="meta"))
     keep, mask, edge, cand, red = OP(*args)
     assert keep.device.type == "meta" and tuple(keep.shape) == (2, 8) and tuple(cand.shape) == (2, 2)
     assert mask.dtype == torch.bool and tuple(red.shape) == (2, 16)
@@ -172,8 +115,8 @@ def test_raw_op_on_meta_infers_shapes():
         (dict(patch_size=0), ValueError, "patch_size"),
         (dict(noise=torch.rand(2, 15)), ValueError, "noise"),
         (dict(noise=torch.zeros(2, 16, dtype=torch.int64)), TypeError, "noise"),
-        (dict(images=torch.randn(2, 3, 64, 64, dtype=torch.float64)), TypeError, "images"),
-        (dict(images=torch.randn(3, 64, 64)), ValueError, "images"),
+        (dict(images=torch.randn(2, 3, 32, 32, dtype=torch.float64)), TypeError, "images"),
+        (dict(images=torch.randn(3, 32, 32)), ValueError, "images"),
         (dict(tokens=torch.randn(2, 15, 8), token_weight=0.5), ValueError, "tokens"),
         (dict(token_weight=0.5), ValueError, "token_weight"),
         (dict(token_weight=1.5, tokens=torch.randn(2, 16, 8)), ValueError, "token_weight"),
@@ -181,10 +124,11 @@ def test_raw_op_on_meta_infers_shapes():
     ],
 )
 def test_raw_op_checks_what_keeps_it_safe(over, exc, match):
-    """Every kernel of the operator (the CPU one here, and the fake one used
-    for shape inference) rejects, with pgs_select's messages, what would make
-    it read or write memory it should not: shapes, dtypes, devices, counts,
-    and the token weight that decides which terms it evaluates."""
+    """The operator (on the CPU here), its fake implementation used for shape
+    inference, and every backend's kernel behind it reject, with
+    pgs_select's messages, what would make them read or write memory they
+    should not: shapes, dtypes, devices, counts, and the token weight that
+    decides which terms they evaluate."""
     args = _op_args(**over)
     with pytest.raises(exc, match=match):
         OP(*args)
@@ -193,6 +137,9 @@ def test_raw_op_checks_what_keeps_it_safe(over, exc, match):
     meta = tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)
     with pytest.raises(exc, match=match):
         OP(*meta)
+    for backend in BACKENDS:
+        with pytest.raises(exc, match=match):
+            KERNELS[backend](*_on_its_device(backend, args))
 
 
 # --------------------------------------------------------------------------- torch.compile
@@ -214,9 +161,35 @@ def test_compiled_layer_survives_a_partial_last_batch():
 @pytest.mark.parametrize("over", [dict(edge_weight=-1.0), dict(edge_weight=1e39), dict(ot_reg=0.0),
                                   dict(ot_reg=float("nan")), dict(ot_iters=0), dict(ot_iters=-3),
                                   dict(sim_threshold=float("nan"))])
-def test_raw_op_out_of_range_scalars_give_a_valid_selection(over):
-    """The ranges of the other scalars are pgs_select's to check (test above:
-    test_errors_*): given them directly, a kernel computes a meaningless but
-    valid selection and touches no memory it should not."""
-    keep, mask, *_ = OP(*_op_args(**over))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_raw_op_out_of_range_scalars_give_a_valid_selection(over, backend):
+    """The ranges of the other scalars are pgs_select's to check
+    (test_api.py's test_errors_*): given them directly, every backend's
+    kernel computes a meaningless but valid selection and touches no memory
+    it should not."""
+    keep, mask, *_ = KERNELS[backend](*_on_its_device(backend, _op_args(**over)))
     assert_valid_selection(contract.PGSSelection(keep, mask), 2, 16, 8)
+    if backend == BACKENDS[0]:
+        keep, mask, *_ = OP(*_op_args(**over))
+        assert_valid_selection(contract.PGSSelection(keep, mask), 2, 16, 8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("over", [
+    dict(num_keep=16, num_candidates=16), dict(num_keep=1, num_candidates=0),
+    dict(token_weight=1.0, tokens=torch.randn(2, 16, 8, dtype=torch.float64)),
+    dict(noise=torch.rand(2, 16, dtype=torch.float64), images=torch.randn(2, 3, 32, 32).half()),
+    dict(images=torch.randn(2, 3, 32, 32).bfloat16(), edge_weight=contract.FP32_MAX),
+    dict(edge_weight=0.0, ot_reg=1e-4, ot_iters=1), dict(sim_threshold=float("inf")),
+    dict(tokens=torch.randn(2, 20, 8)[:, :16], token_weight=0.25),
+], ids=["all", "one-kept-no-candidates", "fp64-tokens-only", "fp64-noise-fp16-images", "bf16-largest-edge-weight",
+        "smallest-ot-reg-one-step", "infinite-threshold", "sliced-tokens"])
+def test_raw_op_accepts_the_edges_of_every_range(over, backend):
+    """At the edges of what it accepts (every count, dtype and scalar bound,
+    strided tokens) the operator and each backend's kernel give a valid
+    selection of the counts asked for."""
+    K = over.get("num_keep", 8)
+    for f in (OP, KERNELS[backend]):
+        keep, mask, edge, cand, red = f(*_on_its_device(backend, _op_args(**over)))
+        assert_valid_selection(contract.PGSSelection(keep.cpu(), mask.cpu()), 2, 16, K)
+        assert tuple(cand.shape) == (2, over.get("num_candidates", 2))
