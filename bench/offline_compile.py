@@ -203,19 +203,18 @@ class CubinMismatch(RuntimeError):
 
 
 @contextlib.contextmanager
-def private_cache():
-    """Triton's cache in a fresh folder for the duration (``TRITON_CACHE_DIR``
-    is read at each compile by every release from 3.0 to 3.9)."""
-    saved = os.environ.get("TRITON_CACHE_DIR")
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["TRITON_CACHE_DIR"] = tmp
-        try:
-            yield
-        finally:
-            if saved is None:
-                del os.environ["TRITON_CACHE_DIR"]
-            else:
-                os.environ["TRITON_CACHE_DIR"] = saved
+def always_compile():
+    """Triton compiles afresh and rewrites its cache entry for the duration
+    (``TRITON_ALWAYS_COMPILE``, read at each compile from 3.0 to 3.9)."""
+    saved = os.environ.get("TRITON_ALWAYS_COMPILE")
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TRITON_ALWAYS_COMPILE"]
+        else:
+            os.environ["TRITON_ALWAYS_COMPILE"] = saved
 
 
 def compile_launch(kernel, args, meta, capability: int) -> dict:
@@ -239,9 +238,12 @@ def compile_launch(kernel, args, meta, capability: int) -> dict:
     try:
         return compile_and_check()
     except CubinMismatch:
-        # Triton's cache key leaves out the source file's path, which the PTX's
-        # line info names: two checkouts compiling the same kernel at once can
-        # leave one's PTX beside the other's cubin. Compile afresh to tell a
-        # mixed cache entry from a real difference in the ptxas command.
-        with private_cache():
+        # ptxas writes each source file's modification time and size (read
+        # when it runs) into the cubin's line table, while Triton's cache key
+        # hashes the source text only: a cubin cached before the kernel's file
+        # was last touched (an edit outside the kernel, a fresh checkout)
+        # differs from ptxas run now in those bytes alone. Compile afresh,
+        # which also refreshes the cache entry, before calling it a difference
+        # in the command.
+        with always_compile():
             return compile_and_check()

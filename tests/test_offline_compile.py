@@ -90,8 +90,9 @@ for cap in (90, 80):
                           options=spec["options"]).asm["ttir"]
     rows[cap]["ttir_head"] = next(ln for ln in ttir.splitlines() if "tt.func" in ln)
 
-# A cache entry whose cubin is not its PTX's (two checkouts compiled the same
-# kernel at once) is compiled afresh, not reported and not an error.
+# A cached cubin that ptxas would not write again from its PTX (as when the
+# kernel's file was touched after the compile: ptxas puts the file's mtime in
+# the line table) is compiled afresh, never reported, never an error.
 import glob
 planted = glob.glob(os.path.join(os.environ["TRITON_CACHE_DIR"], "*", "tiny.cubin"))
 for path in planted:
