@@ -8,7 +8,8 @@
 #
 # Without pytest arguments it runs the interpreter tests and the offline
 # compile tests: tests/test_triton.py tests/test_kernel_report.py
-# tests/test_offline_compile.py tests/test_gpu_scripts.py -q. PYTHON picks the interpreter (default:
+# tests/test_offline_compile.py tests/test_gpu_scripts.py, the slow full
+# compile included. PYTHON picks the interpreter (default:
 # python). Stops with status 2 when TRITON_DIR holds no Triton or another
 # Triton is imported instead.
 set -euo pipefail
@@ -29,6 +30,7 @@ case "${found#* }" in
 esac
 cd "$root"
 if [ $# -eq 0 ]; then
-    set -- tests/test_triton.py tests/test_kernel_report.py tests/test_offline_compile.py tests/test_gpu_scripts.py -q
+    set -- tests/test_triton.py tests/test_kernel_report.py tests/test_offline_compile.py tests/test_gpu_scripts.py \
+        -q -m "slow or not slow"
 fi
 exec "$python" -m pytest "$@"

@@ -173,6 +173,7 @@ for B, C, H, W, P, D, k, alpha, idt, tdt, use_ot in CONFIGS:
 """
 
 
+@pytest.mark.slow
 def test_compiles_for_sm90_and_sm80():
     """The interpreter runs numpy, not the compiler: check that the real Triton
     compiler (down to cubins for an H100 and an A100) accepts every launch of
