@@ -6,12 +6,12 @@
 #   bash bench/run_under_triton.sh /tmp/triton-3.5            # the interpreter tests
 #   bash bench/run_under_triton.sh /tmp/triton-3.5 tests/test_offline_compile.py -q
 #
-# Without pytest arguments it runs the interpreter tests and the offline
-# compile tests: tests/test_triton.py tests/test_kernel_report.py
-# tests/test_offline_compile.py tests/test_gpu_scripts.py, the slow full
-# compile included. PYTHON picks the interpreter (default:
-# python). Stops with status 2 when TRITON_DIR holds no Triton or another
-# Triton is imported instead.
+# Without pytest arguments it runs every test of the Triton kernel (its rows of
+# the agreement table and of the API and contract tests, test_triton.py), the
+# offline compile and kernel report tests, the slow full compile included, and
+# the GPU scripts' dry runs. PYTHON picks the interpreter (default: python).
+# Stops with status 2 when TRITON_DIR holds no Triton or another Triton is
+# imported instead.
 set -euo pipefail
 if [ $# -lt 1 ] || [ ! -d "$1/triton" ]; then
     echo "usage: $0 TRITON_DIR [pytest arguments]  (TRITON_DIR: a pip --target folder holding triton/)" >&2
@@ -30,7 +30,6 @@ case "${found#* }" in
 esac
 cd "$root"
 if [ $# -eq 0 ]; then
-    set -- tests/test_triton.py tests/test_kernel_report.py tests/test_offline_compile.py tests/test_gpu_scripts.py \
-        -q -m "slow or not slow"
+    set -- tests -q -m "slow or not slow" -k "triton or kernel_report or offline_compile or gpu_scripts"
 fi
 exec "$python" -m pytest "$@"
