@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from bench.common import argument_parser, result_path
+from bench.retention import load_photo, load_photos
 from pgs_kernels import samples as scenes
 from python_ref import published as pub
 from python_ref.pgs import patchify as patchify_cpq
@@ -222,7 +223,7 @@ def fixture_bank():
     names, imgs = [], []
     for n in FIXTURE_PHOTOS:
         names.append(f"photo:{n}")
-        imgs.append(to_u8(scenes.load_photo(n)[1]))
+        imgs.append(to_u8(load_photo(n)[1]))
     for s in FIXTURE_SCENES:
         scene = scenes.make_scene(s)
         names.append(f"scene:{s}:{scene['background']}")
@@ -430,7 +431,7 @@ def port_variant(images, tokens, u, u2, mask_ratio, token_weight, *, patchify=pu
 def compare_batches(max_scenes: int, seeds: Sequence[int]):
     """(kind, tag, images (B,3,224,224), mask_ratio, token_weight, seed) over
     photos and synthetic scenes at several batch sizes."""
-    photos, _ = scenes.load_photos(scenes.PHOTO_NAMES)
+    photos, _ = load_photos(scenes.PHOTO_NAMES)
     n = photos.shape[0]
     for B in (1, 2, 5, 10):
         for s in seeds:
@@ -528,8 +529,8 @@ def keep_count_vs_batch(cls, n_scenes: int) -> Dict:
     / median / max over batches: synthetic scenes, photos normalized per image
     (as in bench/retention.py) and with CLIP's constants (as in the fixture)."""
     xs = torch.stack([scenes.make_scene(10_000 + s)["image"] for s in range(n_scenes)])
-    photos, _ = scenes.load_photos(scenes.PHOTO_NAMES)
-    photos_clip = clip_normalize(torch.from_numpy(np.stack([to_u8(scenes.load_photo(n)[1])
+    photos, _ = load_photos(scenes.PHOTO_NAMES)
+    photos_clip = clip_normalize(torch.from_numpy(np.stack([to_u8(load_photo(n)[1])
                                                             for n in scenes.PHOTO_NAMES])))
     out: Dict = {}
     for kind, X, sizes in (("scenes", xs, (1, 2, 4, 8, 16, 32, 64)), ("photos", photos, (1, 2, 5, 10)),
@@ -559,7 +560,7 @@ def candidates_vs_noise(cls, n_scenes: int, draws: int) -> Dict:
     candidates the same alone and in one batch with all the others (its
     edge prior's rounding depends on the batch shape)?"""
     xs = torch.stack([scenes.make_scene(20_000 + s)["image"] for s in range(n_scenes)])
-    photos, _ = scenes.load_photos(scenes.PHOTO_NAMES)
+    photos, _ = load_photos(scenes.PHOTO_NAMES)
     out = {}
     for kind, X in (("scenes", xs), ("photos", photos)):
         same_cand = same_keep = 0
@@ -586,7 +587,7 @@ def sinkhorn_sensitivity(n_scenes: int) -> Dict:
     relative 1e-7 (rounding of another GEMM), per image at batch 1: the
     largest entry change, and in how many images the similar set (at the
     same candidates) changes."""
-    photos, _ = scenes.load_photos(scenes.PHOTO_NAMES)
+    photos, _ = load_photos(scenes.PHOTO_NAMES)
     xs = torch.cat([torch.stack([scenes.make_scene(30_000 + s)["image"] for s in range(n_scenes)]), photos])
     g = torch.Generator().manual_seed(0)
     k = L - int(L * (1 - CANDIDATE_RATIO))

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from bench import common, micro, native_speed, plot, retention
+from bench import common, micro, native_speed, plot, published_fixture, retention
 from bench.clip import quality, throughput, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,6 +124,20 @@ def test_retention_tiny(tmp_path):
     assert len(figs["scenes"]["dropped"]["pgs"]) == len(figs["scenes"]["seeds"])
     assert all(len(d) == 98 for d in figs["photos"]["dropped"]["pgs"])
     assert (tmp_path / "ret.png").exists() and (tmp_path / "ret-scenes.png").exists()
+
+
+def test_published_fixture_builds_its_inputs():
+    """The inputs --fixture and --compare build (no official checkout needed
+    for these): the fixture's image bank, under the names the committed
+    fixture records, and the first comparison batch."""
+    import numpy as np
+
+    names, bank = published_fixture.fixture_bank()
+    with np.load(published_fixture.FIXTURE) as z:
+        assert names == json.loads(str(z["meta_json"]))["image_names"]
+        assert bank.shape == z["images_u8"].shape and bank.dtype == np.uint8
+    kind, B, x, mask_ratio, token_weight, seed = next(published_fixture.compare_batches(4, [0]))
+    assert (kind, B, tuple(x.shape), x.dtype) == ("photos", 1, (1, 3, 224, 224), torch.float32)
 
 
 def test_throughput_tiny(tmp_path):
