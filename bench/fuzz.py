@@ -41,12 +41,12 @@ def main(argv=None) -> int:
                log=lambda s: print(s, flush=True), ot_iters_from=args.ot_iters)
     doc = {**env, "load": load.finish(), **res, "findings": res["findings"][:500]}
     print(f"\n{res['seed_end'] - res['seed_start']} cases in {res['seconds']} s")
+    mismatches = {b: sum(c[k] for k in CATEGORIES if k != "near_tie") for b, c in res["counts"].items()}
     for b, c in res["counts"].items():
-        bad = sum(c[k] for k in CATEGORIES if k != "near_tie")
-        print(f"  {b:10s} {c['cases']} cases, {bad} mismatches, {c['near_tie']} near-ties "
+        print(f"  {b:10s} {c['cases']} cases, {mismatches[b]} mismatches, {c['near_tie']} near-ties "
               + " ".join(f"{k}={c[k]}" for k in CATEGORIES if c[k] and k != "near_tie"))
     write_result(args.out, doc)
-    return 0 if all(sum(c[k] for k in CATEGORIES if k != "near_tie") == 0 for c in res["counts"].values()) else 1
+    return 0 if not any(mismatches.values()) else 1
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@ those lines, which the GPU suite writes whether its tests part finished or
 was cut short::
 
     python -m pytest -p bench.pytest_log --log-jsonl=run.jsonl ...
-
-(the ``=`` form: pytest chooses its root folder from the command line before
-this plugin's option is known, and would take a separate path for a test path)
     python -m bench.pytest_log run.jsonl --out summary.json [--status "timed out after 480s"]
+
+The option takes the ``=`` form: pytest chooses its root folder from the
+command line before this plugin's option is known, and would take a separate
+path for a test path.
 
 Lines of the log: ``{"event": "start", "nodeid"}`` as a test starts,
 ``{"event": "result", "nodeid", "outcome", "duration", "message"}`` as it

@@ -732,8 +732,9 @@ def _scratch_floats(GH: int, W: int, BLOCK_L: int, BK: int, LP: int, s_reg: bool
 
 
 def _launch_config(B, C, H, W, P, D, k, alpha, tok_lowp, edge_weight, use_ot, ot_iters):
-    """Grid size, fp32 scratch per program and the kernel's compile-time
-    arguments for one call (also what ``bench.kernel_report`` compiles)."""
+    """Grid size and the kernel's compile-time arguments for one call (also
+    what ``bench.kernel_report`` compiles); ``FWS`` among them is the fp32
+    scratch per program."""
     GH, GW = H // P, W // P
     L = GH * GW
     BLOCK_L = max(16, _pow2(L))
@@ -759,7 +760,7 @@ def _launch_config(B, C, H, W, P, D, k, alpha, tok_lowp, edge_weight, use_ot, ot
         USE_EDGE=float(edge_weight) != 0.0, USE_OT=bool(use_ot), HAS_CAND=has_cand, FWS=fws_cols,
         num_warps=8, num_stages=2, maxnreg=128,
     )
-    return nprog, fws_cols, meta
+    return nprog, meta
 
 
 def _inv_reg(ot_reg) -> float:
@@ -811,9 +812,9 @@ def _launch_plan(images, tokens, noise, patch_size, num_keep, num_candidates, si
     else:
         D, st, tok_lowp = 1, (0, 0, 0), False
 
-    nprog, fws_cols, meta = _launch_config(B, C, H, W, P, D, k, alpha, tok_lowp, edge_weight, use_ot, ot_iters)
+    nprog, meta = _launch_config(B, C, H, W, P, D, k, alpha, tok_lowp, edge_weight, use_ot, ot_iters)
     BLOCK_L = meta["BLOCK_L"]
-    fws = torch.empty((nprog, fws_cols), dtype=torch.float32, device=dev)
+    fws = torch.empty((nprog, meta["FWS"]), dtype=torch.float32, device=dev)
     iws = torch.empty((nprog, BLOCK_L), dtype=torch.int32, device=dev)
 
     si = images.stride()
