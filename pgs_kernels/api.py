@@ -56,7 +56,11 @@ def pgs_select(
         mask_ratio: in ``[0, 1)``, the fraction dropped.
         candidate_ratio: in ``[0, 1]``, the fraction generated as candidates.
         sim_threshold: ``θ``; a patch with redundancy ``r_j > θ`` is dropped before others.
-        token_weight: ``α`` in ``[0, 1]``, weight of token similarity against pixel similarity.
+        token_weight: ``α`` in ``[0, 1]``, weight of token similarity against pixel similarity;
+            or a 0-dim floating CPU tensor holding ``α`` (a schedule's weight, as
+            :class:`~pgs_kernels.PGSPatchDropout` keeps it), read and checked when the kernel
+            runs, so that ``torch.compile`` does not recompile when it changes. Then ``tokens``
+            are required, and skipped where the value is 0.
         edge_weight: ``w_e >= 0`` (at most the fp32 maximum), strength of the edge prior.
         use_ot: normalize the similarities with log-domain Sinkhorn (else ``r = max_i S_ij``).
         ot_reg: ``ε >= 1e-4``, entropic regularization of the transport (below it fp32

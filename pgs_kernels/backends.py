@@ -30,7 +30,7 @@ from typing import Callable, List, NamedTuple, Optional, Tuple
 import torch
 
 from . import op as _op
-from .contract import PGSCall
+from .contract import PGSCall, fixed_weight
 
 __all__ = ["Backend", "NAMES", "resolve_backend", "available_backends", "check_backend_name"]
 
@@ -47,15 +47,17 @@ class Backend(NamedTuple):
 
 
 def _run_operator(call: PGSCall):
+    if isinstance(call.token_weight, torch.Tensor):  # a schedule's weight: read by the kernel, not traced
+        return _op.pgs_select_scheduled_op(*call)
     return _op.pgs_select_op(*call)
 
 
 def _run_interpreter(call: PGSCall):
-    return _op.pgs_select_triton(*call)
+    return _op.pgs_select_triton(*fixed_weight(call))
 
 
 def _run_reference(call: PGSCall):
-    return _op.run_reference(*call)
+    return _op.run_reference(*fixed_weight(call))
 
 
 def _interpreting() -> bool:

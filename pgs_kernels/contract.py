@@ -36,6 +36,7 @@ __all__ = [
     "prepare_call",
     "draw_noise",
     "check_op_args",
+    "fixed_weight",
     "IMAGE_DTYPES",
     "MIN_OT_REG",
     "FP32_MAX",
@@ -80,7 +81,7 @@ class PGSCall(NamedTuple):
     num_keep: int
     num_candidates: int
     sim_threshold: float
-    token_weight: float
+    token_weight: float  # or a 0-dim CPU tensor holding it: see fixed_weight
     edge_weight: float
     use_ot: bool
     ot_reg: float
@@ -114,7 +115,10 @@ def _real(name: str, value, lo=None, hi=None, lo_open=False, hi_open=False) -> f
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     v = float(value)
-    if math.isnan(v):
+    # v != v rather than math.isnan: under torch.compile a float option that
+    # changed since the last compile (token_weight on a schedule) arrives as a
+    # SymFloat, which math.isnan cannot take; comparisons become guards.
+    if v != v:
         raise ValueError(f"{name} must not be NaN")
     lo_bad = lo is not None and (v <= lo if lo_open else v < lo)
     hi_bad = hi is not None and (v >= hi if hi_open else v > hi)
@@ -150,6 +154,29 @@ def _bool(name: str, value) -> bool:
     return value
 
 
+def _token_weight(value):
+    """``token_weight`` as a float in ``[0, 1]``, or a 0-dim floating CPU tensor
+    holding it (a schedule's weight), returned as is: its value is read and
+    checked where the kernel runs (:func:`fixed_weight`), never while
+    ``torch.compile`` traces."""
+    if not isinstance(value, Tensor):
+        return _real("token_weight", value, 0.0, 1.0)
+    if value.dim() != 0 or not value.is_floating_point() or value.device.type != "cpu":
+        raise ValueError("token_weight given as a tensor must be a 0-dim floating-point CPU tensor, got "
+                         f"shape {tuple(value.shape)}, {_dtype_name(value.dtype)} on {value.device}")
+    return value
+
+
+def fixed_weight(call: "PGSCall") -> "PGSCall":
+    """``call`` with a tensor ``token_weight`` read into a checked float, and
+    its tokens dropped where that weight is 0 (the term is not evaluated).
+    A read of a CPU tensor: no device sync."""
+    if not isinstance(call.token_weight, Tensor):
+        return call
+    alpha = _real("token_weight", float(call.token_weight), 0.0, 1.0)
+    return call._replace(token_weight=alpha, tokens=call.tokens if alpha > 0 else None)
+
+
 def check_params(
     *,
     patch_size=16,
@@ -171,7 +198,7 @@ def check_params(
         mask_ratio=_real("mask_ratio", mask_ratio, 0.0, 1.0, hi_open=True),
         candidate_ratio=_real("candidate_ratio", candidate_ratio, 0.0, 1.0),
         sim_threshold=_real("sim_threshold", sim_threshold),
-        token_weight=_real("token_weight", token_weight, 0.0, 1.0),
+        token_weight=_token_weight(token_weight),
         edge_weight=_real("edge_weight", edge_weight, 0.0, FP32_MAX),
         use_ot=_bool("use_ot", use_ot),
         ot_reg=_finite("ot_reg", ot_reg, MIN_OT_REG),
@@ -219,6 +246,8 @@ def _check_tensors(images, tokens, noise, patch_size: int, token_weight: float, 
             )
         if tokens.device != images.device:
             raise ValueError(f"tokens must be on images' device {images.device}, got {tokens.device}")
+    elif isinstance(token_weight, Tensor):
+        raise ValueError("token_weight given as a tensor (a schedule) needs tokens, got tokens=None")
     elif token_weight > 0:
         raise ValueError(f"token_weight={token_weight} > 0 needs tokens, got tokens=None")
 
@@ -274,7 +303,8 @@ def check_call(
                 raise ValueError(f"{name} contains NaN or Inf (validate=True)")
     K, _, k = pgs_counts(L, p["mask_ratio"], p["candidate_ratio"])
     # The selection is not differentiable: detaching keeps autograd out of it.
-    tokens = tokens.detach() if (tokens is not None and p["token_weight"] > 0) else None
+    scheduled = isinstance(p["token_weight"], Tensor)
+    tokens = tokens.detach() if (tokens is not None and (scheduled or p["token_weight"] > 0)) else None
     return PGSCall(
         images.detach(), tokens, None if noise is None else noise.detach(), p["patch_size"], K, k,
         p["sim_threshold"], p["token_weight"], p["edge_weight"], p["use_ot"], p["ot_reg"], p["ot_iters"],

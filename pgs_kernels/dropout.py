@@ -63,9 +63,14 @@ class PGSPatchDropout(nn.Module):
         self.num_prefix_tokens = int(num_prefix_tokens)
         if not isinstance(save_schedule, bool):
             raise TypeError(f"save_schedule must be a bool, got {type(save_schedule).__name__}")
-        # A float for the hot path (reading a tensor would sync with the GPU)
-        # and, where asked, a buffer, so that the schedule is saved with the model.
+        # A float for the host, and the same value in a CPU tensor for the
+        # kernel: torch.compile guards on a float it passes to the operator
+        # (a recompile per epoch), never on a tensor's value, and a CPU read is
+        # no GPU sync. A plain attribute, not a buffer, so that .to(device)
+        # leaves it on the CPU. Where asked, also a buffer, so that the
+        # schedule is saved with the model.
         self._token_weight = p["token_weight"]
+        self._token_weight_cpu = torch.tensor(self._token_weight, dtype=torch.float64)
         if save_schedule:
             self.register_buffer("token_weight_state", torch.tensor(self._token_weight, dtype=torch.float64))
         self.last_selection = None  # the most recent PGSSelection, for logging
@@ -76,7 +81,8 @@ class PGSPatchDropout(nn.Module):
 
     @token_weight.setter
     def token_weight(self, value: float) -> None:
-        self._token_weight = check_params(token_weight=value)["token_weight"]
+        self._token_weight = check_params(token_weight=float(value))["token_weight"]
+        self._token_weight_cpu.fill_(self._token_weight)
         if hasattr(self, "token_weight_state"):
             self.token_weight_state.fill_(self._token_weight)
 
@@ -93,6 +99,7 @@ class PGSPatchDropout(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if prefix + "token_weight_state" in state_dict:  # loading is not the hot path: a sync is fine
             self._token_weight = float(self.token_weight_state)
+            self._token_weight_cpu.fill_(self._token_weight)
 
     def extra_repr(self) -> str:
         prefix = f", num_prefix_tokens={self.num_prefix_tokens}" if self.num_prefix_tokens != 1 else ""
@@ -126,13 +133,15 @@ class PGSPatchDropout(nn.Module):
             return x
         n = self.num_prefix_tokens
         patches = x[:, n:]
+        # The tokens go in whatever the weight: the kernel reads the weight and
+        # skips them at 0, so that no branch here depends on the schedule.
         sel = pgs_select(
             images,
-            patches.detach() if self.token_weight > 0 else None,
+            patches.detach(),
             generator=generator,
             patch_size=self.patch_size,
             mask_ratio=self.mask_ratio,
-            token_weight=self.token_weight,
+            token_weight=self._token_weight_cpu,
             backend=self.backend,
             **self.pgs_kwargs,
         )

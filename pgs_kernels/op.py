@@ -36,7 +36,7 @@ from typing import Dict
 
 import torch
 
-from .contract import check_op_args
+from .contract import PGSCall, check_op_args, fixed_weight
 
 _ARGS = ("Tensor images, Tensor? tokens, Tensor noise, int patch_size, int num_keep, int num_candidates, "
          "float sim_threshold, float token_weight, float edge_weight, bool use_ot, float ot_reg, int ot_iters")
@@ -45,11 +45,22 @@ _RETURNS = "(Tensor, Tensor, Tensor, Tensor, Tensor)"
 SCHEMA = f"pgs_select({_ARGS}) -> {_RETURNS}"
 OP_NAME = "pgs_kernels::pgs_select"
 
+#: The same operator with ``token_weight`` as a 0-dim CPU tensor, which its
+#: kernel reads at run time. ``torch.compile`` specializes a schema float, so
+#: a weight on a schedule (``PGSPatchDropout.set_epoch``) would recompile the
+#: model at every change, and fail once past dynamo's recompile limit under
+#: ``fullgraph=True``; a tensor's value is no part of a compiled graph's guards.
+#: A CUDA graph would freeze the value read at capture: the tag makes inductor
+#: keep this call out of its graphs.
+SCHEDULED_SCHEMA = f"pgs_select_scheduled({_ARGS.replace('float token_weight', 'Tensor token_weight')}) -> {_RETURNS}"
+SCHEDULED_OP_NAME = "pgs_kernels::pgs_select_scheduled"
+
 # Defined before the extension loads: its TORCH_LIBRARY_IMPL attaches to the
 # private name (the native kernel without the Python checks in front of it).
 _lib = torch.library.Library("pgs_kernels", "DEF")
 _lib.define(SCHEMA)
 _lib.define(f"_pgs_select_native({_ARGS}) -> {_RETURNS}")
+_lib.define(SCHEDULED_SCHEMA, tags=(torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ())
 
 try:
     _C = importlib.import_module("pgs_kernels._C")
@@ -162,4 +173,24 @@ def _fake(images, tokens, noise, patch_size, num_keep, num_candidates, sim_thres
     )
 
 
+def scheduled_kernel(*args):
+    """``pgs_select_scheduled`` on any device: the weight read (a CPU read, no
+    device sync) and checked, then the operator, whose dispatch picks the kernel."""
+    return pgs_select_op(*fixed_weight(PGSCall(*args)))
+
+
+_lib.impl("pgs_select_scheduled", scheduled_kernel, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake(SCHEDULED_OP_NAME)
+def _fake_scheduled(images, tokens, noise, patch_size, num_keep, num_candidates, sim_threshold,
+                    token_weight, edge_weight, use_ot, ot_reg, ot_iters):
+    # The weight's value is unknown here; 0 lets the checks pass the tokens, which a weight > 0 reads.
+    if not isinstance(token_weight, torch.Tensor) or token_weight.dim() != 0 or token_weight.device.type != "cpu":
+        raise ValueError("token_weight of pgs_select_scheduled must be a 0-dim CPU tensor")
+    return _fake(images, tokens, noise, patch_size, num_keep, num_candidates, sim_threshold,
+                 0.0, edge_weight, use_ot, ot_reg, ot_iters)
+
+
 pgs_select_op = torch.ops.pgs_kernels.pgs_select
+pgs_select_scheduled_op = torch.ops.pgs_kernels.pgs_select_scheduled

@@ -146,3 +146,56 @@ def test_schedule_is_saved_and_restored_with_the_model():
     images, x = _inputs()
     b[0].train()(x, images)
     assert b[0].last_selection is not None
+
+
+def test_a_schedule_under_torch_compile_neither_breaks_nor_recompiles():
+    """set_epoch between compiled training steps, 12 epochs (past dynamo's
+    recompile limit), fullgraph=True: the same selection as eager every epoch,
+    and no compile after the first step."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Conv2d(3, 16, 8, stride=8)
+            self.drop = PGSPatchDropout(mask_ratio=0.5, patch_size=8, backend="auto")
+
+        def forward(self, images):
+            x = self.embed(images).flatten(2).transpose(1, 2)
+            x = torch.cat([x.mean(1, keepdim=True), x], 1)
+            return self.drop(x, images).square().sum(-1)
+
+    model = Tiny().to(DEVICE).train()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    images = _inputs()[0]
+    seen = []
+    for epoch in range(12):
+        model.drop.set_epoch(epoch, 12)
+        torch.manual_seed(epoch)
+        out = compiled(images)
+        out.sum().backward()
+        torch.manual_seed(epoch)
+        torch.testing.assert_close(out, model(images))
+        seen.append(counter.frame_count)
+    assert seen[-1] == seen[0], f"compiled frames per epoch: {seen}"
+
+
+def test_token_weight_tensor_in_pgs_select_checks():
+    images, x = _inputs()
+    tokens = x[:, 1:].detach()
+    with pytest.raises(ValueError, match="token_weight given as a tensor must be a 0-dim"):
+        pgs_select(images, tokens, patch_size=8, token_weight=torch.tensor([0.5]))
+    with pytest.raises(ValueError, match="token_weight given as a tensor must be a 0-dim"):
+        pgs_select(images, tokens, patch_size=8, token_weight=torch.tensor(1))
+    with pytest.raises(ValueError, match="needs tokens"):
+        pgs_select(images, None, patch_size=8, token_weight=torch.tensor(0.5))
+    with pytest.raises(ValueError, match="token_weight must be in"):
+        pgs_select(images, tokens, patch_size=8, token_weight=torch.tensor(-0.5))
+    for backend in BACKENDS:
+        gen = torch.Generator(device=DEVICE).manual_seed(2)
+        got = pgs_select(images, tokens, generator=gen, patch_size=8, token_weight=torch.tensor(0.5),
+                         backend=backend)
+        gen = torch.Generator(device=DEVICE).manual_seed(2)
+        want = pgs_select(images, tokens, generator=gen, patch_size=8, token_weight=0.5, backend=backend)
+        assert torch.equal(got.keep_idx, want.keep_idx), backend
