@@ -107,6 +107,15 @@ def test_sdist_holds_every_file_the_build_reads(tmp_path, no_native):
     assert set(modules) <= files
 
 
+def test_sdist_leaves_the_tests_out(tmp_path):
+    """The tests run from the checkout (conftest, tests/data, bench/): an sdist
+    holding tests/test_*.py alone would give a suite that cannot collect."""
+    src = copy_project(tmp_path / "src")
+    shutil.copytree(os.path.join(ROOT, "tests"), os.path.join(src, "tests"), ignore=not_source)
+    files = sdist_files(build_sdist(src, tmp_path / "dist", build_env(PGS_NO_NATIVE="1")))
+    assert not [f for f in files if f.startswith("tests/")], sorted(files)
+
+
 @pytest.mark.slow
 def test_wheel_built_from_the_sdist_loads_its_native_kernel(tmp_path):
     """The issue's path: sdist, then a wheel from it in a clean folder (pip
