@@ -42,3 +42,32 @@ def test_gpu_smoke_dry_run(tmp_path):
     agreement = doc["sections"]["agreement"]
     assert "photos" in agreement and all(d["decided_rows"] > 0 for d in agreement.values())
     assert all(doc["sections"]["checks"]["invariants"].values())
+
+
+def test_trainer_speed_dry_run(tmp_path):
+    """The trainer timing of the suite's train part, on the CPU at toy sizes:
+    two variants, a few steps, samples/s from the trainer's log; where
+    open_clip_train does not import, a message and a JSON saying so, exit 0."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "trainer.json"
+    cmd = [sys.executable, "-m", "bench.trainer_speed", "--device", "cpu", "--model", "ViT-S-32", "--image-size", "64",
+           "--batch-size", "2", "--steps", "2", "--warmup", "1", "--variants", "none,pgs", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == "trainer_speed" and doc["device"] == "cpu" and doc["commit"]
+    try:
+        import open_clip_train.main  # noqa: F401
+    except Exception:  # the default environment has no open_clip
+        assert "skipped" in doc and "open_clip_train does not import" in proc.stdout
+        return
+    rows = doc["variants"]
+    assert set(rows) == {"none", "pgs"} and all(r["samples_per_s"] > 0 and r["steps_measured"] == 1
+                                                for r in rows.values())
+    assert rows["pgs"]["tokens_train"] == "1 + 2" and rows["pgs"]["tokens_all"] == "1 + 4"
+    assert doc["ratios"]["pgs/none"] > 0
