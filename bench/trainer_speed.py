@@ -40,9 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
-
-import torch
+from typing import Dict, Optional
 
 from bench.common import (ROOT, argument_parser, environment, load_average, out_help, pick_device, result_path,
                           write_result)

@@ -347,7 +347,7 @@ def _with_schedule(train_one_epoch, args):
         epochs = args.pgs_schedule_epochs or args.epochs
         set_pgs_epoch(model, epoch, epochs)
         if args.rank == 0:
-            weight = min(1.0, max(0.0, epoch / epochs))
+            weight = next(m for m in model.modules() if isinstance(m, PGSPatchDropout)).token_weight
             logging.info(f"PGS: epoch {epoch}: token_weight = {epoch} / {epochs:g} = {weight:.4g}")
         return train_one_epoch(model, data, loss, epoch, *rest, **kw)
 

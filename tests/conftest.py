@@ -190,3 +190,28 @@ def assert_matches_reference(backend, images, tokens=None, noise=None, *, min_de
     share = res.decided.float().mean().item() if B else 1.0
     assert share >= min_decided, f"only {int(res.decided.sum())}/{B} rows decided: the comparison says little"
     return got
+
+
+def assert_pgs_keeps_state_dict(model, plain):
+    """use_pgs and the schedule leave a model's state_dict keys as they were,
+    and checkpoints load strictly both ways (``plain``: the same model without PGS)."""
+    keys = list(plain.state_dict())
+    pgs_kernels.use_pgs(model)
+    pgs_kernels.set_pgs_epoch(model, 3, 10)
+    assert list(model.state_dict()) == keys
+    plain.load_state_dict(model.state_dict())  # strict
+    model.load_state_dict(plain.state_dict())
+
+
+def expected_pgs_tokens(x, images, rng, P, n, **options):
+    """What a PGS layer given the sequence ``x`` (``n`` prefix tokens, then the
+    patch tokens of ``images``) must pass on: the prefix tokens, then the patch
+    tokens ``pgs_select`` keeps with the same options and the same noise (drawn
+    from the RNG state ``rng`` the layer started from). Returns (tokens, selection)."""
+    saved = torch.get_rng_state()
+    torch.set_rng_state(rng)
+    tw = options.get("token_weight", 0.0)
+    sel = pgs_kernels.pgs_select(images, x[:, n:] if tw > 0 else None, patch_size=P, **options)
+    torch.set_rng_state(saved)
+    idx = sel.keep_idx[..., None].expand(-1, -1, x.shape[-1])
+    return torch.cat([x[:, :n], torch.gather(x[:, n:], 1, idx)], 1), sel

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import pgs_kernels
+from conftest import assert_pgs_keeps_state_dict, expected_pgs_tokens
 from pgs_kernels import PGSDropoutSlot, pgs_select, remove_pgs, set_pgs_epoch, use_pgs
 
 
@@ -187,14 +188,7 @@ def watch(tower, slot_name, norm_name):
 def expected_tokens(seen, images, P, n, **options):
     """The prefix tokens, then the patch tokens pgs_select keeps for the same
     images, options and noise (the RNG state the slot started from)."""
-    x = seen["x"]
-    saved = torch.get_rng_state()
-    torch.set_rng_state(seen["rng"])
-    tw = options.get("token_weight", 0.0)
-    sel = pgs_select(images, x[:, n:] if tw > 0 else None, patch_size=P, **options)
-    torch.set_rng_state(saved)
-    idx = sel.keep_idx[..., None].expand(-1, -1, x.shape[-1])
-    return torch.cat([x[:, :n], torch.gather(x[:, n:], 1, idx)], 1), sel
+    return expected_pgs_tokens(seen["x"], images, seen["rng"], P, n, **options)
 
 
 # --------------------------------------------------------------------------- behaviour
@@ -378,12 +372,7 @@ def test_compile_fullgraph_two_models_with_other_options_in_one_process():
 def test_state_dict_keys_unchanged_and_checkpoints_load_both_ways(name):
     model, *_ = make(name)
     plain, *_ = make(name)
-    keys = list(plain.state_dict())
-    use_pgs(model)
-    set_pgs_epoch(model, 3, 10)
-    assert list(model.state_dict()) == keys
-    plain.load_state_dict(model.state_dict())  # strict
-    model.load_state_dict(plain.state_dict())
+    assert_pgs_keeps_state_dict(model, plain)
 
 
 @pytest.mark.parametrize("name", model_params(["open_clip patch 14", "timm registers", "timm Eva"]))

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 import pgs_kernels
-from pgs_kernels import PGSPatchDropout, pgs_select, remove_pgs, set_pgs_epoch, use_pgs
+from conftest import assert_pgs_keeps_state_dict, expected_pgs_tokens
+from pgs_kernels import PGSPatchDropout, remove_pgs, set_pgs_epoch, use_pgs
 
 try:
     import transformers
@@ -147,14 +148,7 @@ def watch(model):
 def expected_tokens(seen, n, **options):
     """The prefix tokens, then the patch tokens pgs_select keeps for the same
     images, options and noise (the RNG state the PGS layer started from)."""
-    x, images = seen["x"], seen["images"]
-    saved = torch.get_rng_state()
-    torch.set_rng_state(seen["rng"])
-    tw = options.get("token_weight", 0.0)
-    sel = pgs_select(images, x[:, n:] if tw > 0 else None, patch_size=P, **options)
-    torch.set_rng_state(saved)
-    idx = sel.keep_idx[..., None].expand(-1, -1, x.shape[-1])
-    return torch.cat([x[:, :n], torch.gather(x[:, n:], 1, idx)], 1), sel
+    return expected_pgs_tokens(seen["x"], seen["images"], seen["rng"], P, n, **options)
 
 
 def check_contract(model, seen, images, n, options, size=SIZE, **embed_kw):
@@ -297,12 +291,7 @@ def test_compiled_training_step_matches_eager(name):
 def test_state_dict_keys_unchanged_and_checkpoints_load_both_ways(name):
     model, *_ = make(name)
     plain, *_ = make(name)
-    keys = list(plain.state_dict())
-    use_pgs(model)
-    set_pgs_epoch(model, 3, 10)
-    assert list(model.state_dict()) == keys
-    plain.load_state_dict(model.state_dict())  # strict
-    model.load_state_dict(plain.state_dict())
+    assert_pgs_keeps_state_dict(model, plain)
 
 
 @pytest.mark.parametrize("name", ["CLIPVisionModel", "SiglipModel"])
