@@ -7,7 +7,9 @@ is part of this project. Two modes:
 ``--fixture``
     Runs the published code once on a fixed set of inputs and stores what it
     computed, step by step, in ``tests/data/published_official.npz`` with a
-    ``README.md`` beside it (how, where and with what it was produced).
+    ``README.md`` beside it (how, where and with what it was produced). The
+    inputs are the images stored in that file whenever it exists
+    (``fixture_bank``); only without it is a new image bank generated.
     ``tests/test_published.py`` replays the stored edge priors and noise
     draws through the port's steps and compares the outcome exactly.
 
@@ -219,7 +221,13 @@ FIXTURE_SCENES = (0, 1, 2, 5)  # pgs_kernels.samples.make_scene seeds: all three
 FIXTURE_BLOCKS = (0, 1)
 
 
-def fixture_bank():
+def generate_bank():
+    """A new image bank from today's photo and scene code: ``(names, (N, 3,
+    224, 224) uint8)``. Not the stored one: ``samples.photo`` centre-crops a
+    non-square photo to a square before resizing it (since 9b6ae9c), while the
+    stored bank (e2b3e3b, ``bench/scenes.load_photo``) squashed the whole photo,
+    so coins, clock, rocket and hubble_deep_field come out up to 243 grey
+    levels apart. Used only where no fixture file exists."""
     names, imgs = [], []
     for n in FIXTURE_PHOTOS:
         names.append(f"photo:{n}")
@@ -232,6 +240,35 @@ def fixture_bank():
         names.append(f"blocks:{s}")
         imgs.append(blocks_scene(s))
     return names, np.stack(imgs)
+
+
+def stored_bank(path: str = FIXTURE):
+    """``(names, images_u8, what generated them)`` as stored in a fixture file."""
+    with np.load(path) as z:
+        meta = json.loads(str(z["meta_json"]))
+        bank = z["images_u8"].copy()
+    made = meta.get("images_from") or f"bench/published_fixture.py at project commit {meta['project_commit']}"
+    return meta["image_names"], bank, made
+
+
+def fixture_bank(path: Optional[str] = FIXTURE):
+    """The fixture's images, ``(names, (N, 3, 224, 224) uint8)``: the stored
+    ``images_u8`` of the fixture file at ``path`` whenever it exists, so that
+    ``--fixture`` feeds the published code the inputs the stored outputs were
+    computed from, whatever has changed since in the photo or scene code; a
+    new bank (``generate_bank``) only where there is no file."""
+    if path is None or not os.path.exists(path):
+        return generate_bank()
+    names, bank, _ = stored_bank(path)
+    want = ([f"photo:{n}" for n in FIXTURE_PHOTOS] + [f"scene:{s}:" for s in FIXTURE_SCENES]
+            + [f"blocks:{s}" for s in FIXTURE_BLOCKS])
+    if len(names) != len(want) or not all(n == w or (w.endswith(":") and n.startswith(w))
+                                          for n, w in zip(names, want)):
+        raise SystemExit(f"{path} stores the images {names}, not the bank FIXTURE_PHOTOS, FIXTURE_SCENES and "
+                         "FIXTURE_BLOCKS name: to make a fixture on a new bank, delete the file first")
+    if bank.dtype != np.uint8 or bank.shape != (len(names), 3, 224, 224):
+        raise SystemExit(f"{path}: images_u8 is {bank.dtype} {bank.shape}, not uint8 ({len(names)}, 3, 224, 224)")
+    return names, bank
 
 
 def fixture_cases(n_images: int):
@@ -275,7 +312,14 @@ def cpu_info() -> Dict:
 
 
 def write_fixture(cls, official_root: str) -> None:
-    names, bank = fixture_bank()
+    if os.path.exists(FIXTURE):
+        names, bank = fixture_bank(FIXTURE)
+        images_from = stored_bank(FIXTURE)[2]
+        print(f"inputs: the {len(names)} images stored in {FIXTURE} (made by {images_from})")
+    else:
+        names, bank = generate_bank()
+        images_from = f"bench/published_fixture.py at project commit {git_commit(_ROOT)}"
+        print(f"inputs: no {FIXTURE}, so a NEW image bank from today's photo and scene code ({len(names)} images)")
     images_all = clip_normalize(torch.from_numpy(bank))
     cases = fixture_cases(len(names))
     cols: Dict[str, list] = {k: [] for k in ("img", "u", "u2", "b", "cand", "rows", "similar", "keep")}
@@ -311,6 +355,7 @@ def write_fixture(cls, official_root: str) -> None:
         "date": datetime.date.today().isoformat(),
         "project_commit": git_commit(_ROOT),
         "image_names": names,
+        "images_from": images_from,
         "cases": meta_cases,
     }
     arrays = {
@@ -365,8 +410,15 @@ divisions) and this provenance.
 ## What is in it
 
 - `images_u8`: {len(meta['image_names'])} images, 224 x 224, uint8 (names in
-  `meta_json`): scikit-image photos resized by area, synthetic scenes of
+  `meta_json`), made by {meta['images_from']}:
+  scikit-image photos resized by area, synthetic scenes of
   `pgs_kernels/samples.py` (`make_scene(seed)`) and noise-free flat-rectangle scenes.
+  They are the bank's source: `--fixture` reads them from this file whenever
+  it exists (`fixture_bank()`, checked by `tests/test_bench_scripts.py`) and
+  generates a new bank only where it does not, so a new run feeds the
+  published code these inputs even where the photo or scene code has changed
+  (a bank made before 9b6ae9c holds photos squashed whole to 224 x 224;
+  `samples.photo` now centre-crops a non-square photo first).
   They are fed as `(x / 255 - mean) / std` with CLIP's per-channel
   constants, an elementwise computation that gives the same floats anywhere.
 - `tokens`: float16 stand-ins for patch embeddings (a random projection of

@@ -128,16 +128,64 @@ def test_retention_tiny(tmp_path):
 
 def test_published_fixture_builds_its_inputs():
     """The inputs --fixture and --compare build (no official checkout needed
-    for these): the fixture's image bank, under the names the committed
-    fixture records, and the first comparison batch."""
+    for these): the fixture's image bank is the committed fixture's images,
+    under the names it records, and the first comparison batch."""
     import numpy as np
 
     names, bank = published_fixture.fixture_bank()
     with np.load(published_fixture.FIXTURE) as z:
         assert names == json.loads(str(z["meta_json"]))["image_names"]
         assert bank.shape == z["images_u8"].shape and bank.dtype == np.uint8
+        assert [n for n, a, b in zip(names, bank, z["images_u8"]) if not np.array_equal(a, b)] == []
     kind, B, x, mask_ratio, token_weight, seed = next(published_fixture.compare_batches(4, [0]))
     assert (kind, B, tuple(x.shape), x.dtype) == ("photos", 1, (1, 3, 224, 224), torch.float32)
+
+
+def test_published_fixture_reads_its_inputs_from_the_stored_file(tmp_path, monkeypatch, capsys):
+    """--fixture feeds the published code the images stored in the fixture
+    file (altered here, so that no generator could make them) and stores them
+    again; only where there is no file is a new bank generated, same names."""
+    import numpy as np
+
+    pf = published_fixture
+    with np.load(pf.FIXTURE) as z:
+        arrays = {k: z[k] for k in z.files}
+    stored = arrays["images_u8"]
+    arrays["images_u8"] = (255 - stored).astype(np.uint8)
+    fixture = tmp_path / "published_official.npz"
+    np.savez_compressed(fixture, **arrays)
+    names, bank = pf.fixture_bank(str(fixture))
+    assert np.array_equal(bank, arrays["images_u8"])
+
+    fed = []
+
+    def fake_official(cls, images, tokens, *, seed, mask_ratio, token_weight):
+        fed.append(images)
+        B, k = images.shape[0], pf.L - int(pf.L * (1 - pf.CANDIDATE_RATIO))
+        return {"u": torch.rand(B, pf.L), "u2": torch.rand(B, pf.L), "b": torch.zeros(B, pf.L),
+                "S": torch.zeros(B, pf.L, pf.L), "sk_divisions": 0, "cand": torch.zeros(B, k, dtype=torch.long),
+                "similar": torch.zeros(B, pf.L, dtype=torch.bool), "Kp": 98,
+                "keep": torch.zeros(B, 98, dtype=torch.long), "attn": None}
+
+    monkeypatch.setattr(pf, "run_official", fake_official)
+    monkeypatch.setattr(pf, "FIXTURE", str(fixture))
+    monkeypatch.setattr(pf, "DATA", str(tmp_path))
+    pf.write_fixture(None, str(tmp_path))
+    assert "images stored in" in capsys.readouterr().out
+    with np.load(fixture) as z:
+        assert np.array_equal(z["images_u8"], arrays["images_u8"])
+        meta = json.loads(str(z["meta_json"]))
+    assert meta["image_names"] == names and "e2b3e3be23e2e4377c1be1954c9557d72eb5a413" in meta["images_from"]
+    first = pf.fixture_cases(len(names))[0][0]
+    assert torch.equal(fed[0], pf.clip_normalize(torch.from_numpy(arrays["images_u8"][first])))
+
+    new_names, new_bank = pf.fixture_bank(str(tmp_path / "absent.npz"))
+    assert [n.split(":")[:2] for n in new_names] == [n.split(":")[:2] for n in names]
+    assert new_bank.shape == stored.shape and new_bank.dtype == np.uint8
+    arrays["meta_json"] = np.array(json.dumps({**meta, "image_names": names[1:] + names[:1]}))
+    np.savez_compressed(fixture, **arrays)
+    with pytest.raises(SystemExit, match="delete the file"):
+        pf.fixture_bank(str(fixture))
 
 
 def test_throughput_tiny(tmp_path):
