@@ -205,8 +205,9 @@ def load_average() -> Optional[List[float]]:
 
 
 def _cpu_ticks() -> Optional[Tuple[int, int]]:
-    """(busy ticks of the whole machine, ticks of this process and its
-    threads), from /proc; None where there is no /proc."""
+    """(busy ticks of the whole machine, ticks of this process, its threads
+    and its children once waited for), from /proc; None where there is no
+    /proc. A study that trains in worker processes counts them as its own."""
     try:
         with open("/proc/stat") as f:
             fields = [int(v) for v in f.readline().split()[1:]]
@@ -216,7 +217,7 @@ def _cpu_ticks() -> Optional[Tuple[int, int]]:
         return None
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal
-    return busy, int(mine[11]) + int(mine[12])  # utime + stime
+    return busy, sum(int(v) for v in mine[11:15])  # utime + stime + cutime + cstime
 
 
 def others_cores(t0: Optional[Tuple[int, int]], t1: Optional[Tuple[int, int]], seconds: float) -> Optional[float]:

@@ -1,23 +1,28 @@
-"""Every figure of the benchmarks, drawn from their result JSON.
+"""The figures of the benchmarks, drawn from what the scripts hand over:
+their result JSON, or (the retention study) the images it rendered.
 
     python -m bench.plot                          # every bench/results/*.json it knows
     python -m bench.plot bench/results/micro-cpu.json
 
-Each PNG goes beside its JSON, under the same name (the retention study
-writes two: ``<name>.png`` for the photos, ``<name>-scenes.png`` for the
-synthetic scenes). The kind of a file is its ``"benchmark"`` field (or, for
-files written before it existed, its name):
+Each PNG goes beside its JSON, under the same name. The kind of a file is
+its ``"benchmark"`` field (or, for files written before it existed, its
+name):
 
 * ``micro``          latency against batch size: one summary panel (224², patch
                      16: the fused op, the eager fp32 reference, the published
                      algorithm, random masking), then the fused op across
                      resolutions and across dtypes/tokens;
-* ``retention``      photos and scenes with each method's dropped patches in grey;
 * ``train_quality``  zero-shot accuracy and retrieval R@1 against training
-                     cost, per masking mode (mean ± std over seeds).
+                     cost, per masking mode (mean ± std over seeds);
+* ``train_quality_equal_compute``  the same scores against the unmasked
+                     share at equal FLOPs, and the paired differences per seed.
 
 Files of other kinds are skipped. The benchmark scripts call
-:func:`plot_file` after writing their JSON.
+:func:`plot_file` after writing their JSON. The module computes nothing of
+its own: the retention figures show photos and scenes that
+``bench.retention`` renders and hands to :func:`image_grid` (two PNGs,
+``<name>.png`` and ``<name>-scenes.png``; ``python -m bench.retention
+--plot-only`` redraws them from its JSON).
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from typing import Dict, List, Optional, Sequence
 
 from bench.common import RESULTS, argument_parser
 
-GREY_NOTE = "grey = dropped patch"
+#: Kinds whose figures need more than their JSON (the retention study's
+#: photos and scenes): their own script redraws them.
+DRAWN_BY = {"retention": "python -m bench.retention --plot-only --out FILE"}
 
 
 def _plt():
@@ -63,10 +70,10 @@ def plot_file(path: str) -> List[str]:
     stem = os.path.splitext(path)[0]
     if kind == "micro":
         return micro(doc, stem + ".png")
-    if kind == "retention":
-        return retention(doc, stem)
     if kind == "train_quality":
         return train_quality(doc, stem + ".png")
+    if kind == "train_quality_equal_compute":
+        return train_quality_equal_compute(doc, stem + ".png")
     return []
 
 
@@ -197,9 +204,11 @@ def micro(doc: Dict, png: str) -> List[str]:
     return [png]
 
 
-# ----------------------------------------------------------------------------- retention
+# ----------------------------------------------------------------------------- image grids
 
-def _image_grid(path: str, rows, col_titles: Sequence[str], row_titles: Sequence[str], caption: str) -> None:
+def image_grid(path: str, rows, col_titles: Sequence[str], row_titles: Sequence[str], caption: str) -> str:
+    """A grid of images (``rows``: lists of (H, W, 3) arrays in [0, 1]) with
+    column and row titles and a caption; the retention study computes them."""
     plt = _plt()
     nr, nc = len(rows), len(rows[0])
     fig, axes = plt.subplots(nr, nc, figsize=(2.2 * nc, 2.2 * nr + 0.45), squeeze=False)
@@ -217,63 +226,7 @@ def _image_grid(path: str, rows, col_titles: Sequence[str], row_titles: Sequence
     fig.tight_layout(rect=(0, 0.45 / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _kept_title(method: str, dropped: Sequence[int], L: int) -> str:
-    return f"{method} ({L - len(dropped)}/{L} kept)"
-
-
-def retention(doc: Dict, stem: str) -> List[str]:
-    from bench.retention import load_photo, object_patches
-    from pgs_kernels import samples
-
-    figs = doc.get("figures")
-    if not figs:
-        return []
-    P, ratio, methods = figs["patch_size"], figs["mask_ratio"], figs["methods"]
-    out = []
-
-    def dropped_mask(idx, L):
-        import numpy as np
-
-        m = np.zeros(L, dtype=bool)
-        m[list(idx)] = True
-        return m
-
-    ph = figs.get("photos")
-    if ph:
-        rows, titles = [], None
-        for i, name in enumerate(ph["names"]):
-            _, disp = load_photo(name, ph["size"])
-            L = (disp.shape[0] // P) * (disp.shape[1] // P)
-            drops = {m: ph["dropped"][m][i] for m in methods}
-            rows.append([disp] + [samples.grey_dropped(disp, dropped_mask(drops[m], L), P) for m in methods])
-            if titles is None:
-                titles = ["photo (centre crop)"] + [_kept_title(m, drops[m], L) for m in methods]
-        path = stem + ".png"
-        _image_grid(path, rows, titles, ph["names"],
-                    f"{GREY_NOTE} (mask ratio {ratio}, {P}x{P} patches, same noise for every method)")
-        out.append(path)
-    sc = figs.get("scenes")
-    if sc:
-        rows, titles, labels = [], None, []
-        for i, seed in enumerate(sc["seeds"]):
-            s = samples.make_scene(seed, sc["size"])
-            disp = s["display"]
-            L = (disp.shape[0] // P) * (disp.shape[1] // P)
-            objects = object_patches(s["mask"][None], P)[0].numpy()
-            drops = {m: sc["dropped"][m][i] for m in methods}
-            rows.append([disp, samples.grey_dropped(disp, ~objects, P)]
-                        + [samples.grey_dropped(disp, dropped_mask(drops[m], L), P) for m in methods])
-            labels.append(f"{s['background']} (seed {seed})")
-            if titles is None:
-                titles = ["scene", "object patches"] + [_kept_title(m, drops[m], L) for m in methods]
-        path = stem + "-scenes.png"
-        _image_grid(path, rows, titles, labels,
-                    f"{GREY_NOTE} (mask ratio {ratio}, {P}x{P} patches); "
-                    "column 2: grey = not an object patch (< half object pixels)")
-        out.append(path)
-    return out
+    return path
 
 
 # ----------------------------------------------------------------------------- training quality
@@ -343,6 +296,91 @@ def train_quality(doc: Dict, png: str) -> List[str]:
     return [png]
 
 
+def _label_share(share) -> str:
+    return "every step" if share is None else f"{share:g}"
+
+
+def train_quality_equal_compute(doc: Dict, png: str) -> List[str]:
+    """Scores against the unmasked share at equal FLOPs, and the paired
+    differences PGS - random and PGS - none per seed, as the study computed them."""
+    summary = doc.get("summary", [])
+    if not summary:
+        return []
+    metrics = [("zero_shot_acc", "zero-shot accuracy"), ("i2t_r1", "image→text R@1"), ("t2i_r1", "text→image R@1")]
+    ratios = doc.get("ratios") or sorted({s["mask_ratio"] for s in summary if s["mode"] != "none"})
+    none = next((s for s in summary if s["mode"] == "none"), None)
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(4.6 * (len(metrics) + 1), 4.8), squeeze=False)
+    axes = axes[0]
+    for ax, (key, title) in zip(axes, metrics):
+        if none:
+            ax.axhline(none[key], color=MODE_STYLE["none"][0], ls="--", lw=1.2,
+                       label=f"none, {none['steps']} steps")
+            ax.axhspan(none[key] - none[key + "_std"], none[key] + none[key + "_std"], color="0.85", alpha=0.6)
+        for i, mode in enumerate(m for m in MODE_STYLE if m != "none"):
+            color, marker = MODE_STYLE[mode]
+            for ratio in ratios:
+                pts = sorted((s["unmasked_share"], s[key], s[key + "_std"], s["steps"]) for s in summary
+                             if s["mode"] == mode and s["mask_ratio"] == ratio)
+                if not pts:
+                    continue
+                first = ratio == ratios[0]
+                dx = 0.004 * (i - 1) + (0 if first else 0.012)  # keep the error bars of overlapping points apart
+                ax.errorbar([p[0] + dx for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                            fmt=marker + ("-" if first else ""), ms=7, color=color, capsize=3, lw=1.2,
+                            mfc=color if first else "white", mew=1.5,
+                            label=f"{mode}, mask {ratio:g} ({words_steps(pts)} steps)")
+        ax.set_xlabel("share of a masked run's steps unmasked, at its end", fontsize=9)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    # below the panels: inside, the legend would cover the points of a panel
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7, bbox_to_anchor=(0.5, 0.04))
+    ax = axes[-1]
+    paired = [d for d in doc.get("paired", []) if d["metric"] == "zero_shot_acc"]
+    cases = list(dict.fromkeys((d["mask_ratio"], d["unmasked_share"]) for d in paired))
+    for j, (against, color) in enumerate((("random", MODE_STYLE["random"][0]), ("none", MODE_STYLE["none"][0]))):
+        for k, case in enumerate(cases):
+            d = next((d for d in paired if d["against"] == against and (d["mask_ratio"], d["unmasked_share"]) == case),
+                     None)
+            if d is None:
+                continue
+            x = k + (j - 0.5) * 0.3
+            ax.scatter([x] * len(d["per_seed"]), d["per_seed"], s=14, color=color, alpha=0.6)
+            ax.errorbar([x], [d["mean"]], yerr=[d["std"]], fmt="_", ms=14, mew=2, color=color, capsize=4,
+                        label=f"PGS − {against}" if k == 0 else None)
+            ax.annotate(f"{d['positive']}/{len(d['per_seed'])}", (x, max(d["per_seed"])), textcoords="offset points",
+                        xytext=(0, 4), fontsize=7, ha="center", color=color)
+    ax.axhline(0, color="0.3", lw=0.8)
+    ax.set_xticks(range(len(cases)))
+    ax.set_xticklabels([f"mask {r:g}\nshare {_label_share(s)}" for r, s in cases], fontsize=7)
+    ax.set_title("paired zero-shot difference per seed\n(n/N: seeds where PGS is ahead)", fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="best", framealpha=0.9)
+    budget = doc.get("budget", {})
+    load = doc.get("load") or {}
+    fig.suptitle(f"Tiny CLIP at equal compute: every run spends the FLOPs of {budget.get('steps', '?')} unmasked "
+                 f"steps of batch {doc.get('config', {}).get('batch_size', '?')} "
+                 f"({budget.get('flops', 0) / 1e12:.2f} TFLOP); mean ± std over "
+                 f"{len(doc.get('seeds', [])) or '?'} seeds", fontsize=10)
+    before = load.get("before")
+    fig.text(0.01, 0.01, f"{doc.get('device_name', doc.get('device'))}; torch {doc.get('torch')}; "
+             f"{doc.get('config', {}).get('jobs', 1)} run(s) at a time, {load.get('threads', '?')} thread(s) in all; "
+             f"commit {str(doc.get('commit'))[:10]}" + (f"; load {before[0]:.2f} at start" if before else "")
+             + (f"; other processes {load['others_cores_during']} cores on average"
+                if load.get("others_cores_during") is not None else ""),
+             fontsize=7, color="0.3")
+    fig.tight_layout(rect=(0, 0.1, 1, 0.94))
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return [png]
+
+
+def words_steps(pts) -> str:
+    steps = [p[3] for p in pts]
+    return str(steps[0]) if len(set(steps)) == 1 else f"{min(steps)}-{max(steps)}"
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
@@ -355,7 +393,9 @@ def main(argv=None) -> int:
         for png in written:
             print(f"wrote {png}")
         if not written:
-            print(f"skipped {path} (no figure for this file)")
+            with open(path) as f:
+                by = DRAWN_BY.get(kind_of(json.load(f), path))
+            print(f"skipped {path} ({'its figures: ' + by if by else 'no figure for this file'})")
     return 0
 
 

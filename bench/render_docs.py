@@ -18,6 +18,7 @@ import difflib
 import json
 import math
 import os
+import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -512,7 +513,7 @@ def retention(files: dict) -> str:
 
 # ----------------------------------------------------------------------------- training quality
 
-QUALITY_TITLE = "Training quality at equal cost"
+QUALITY_TITLE = "Training quality at equal steps"
 QUALITY_COMMAND = "python -m bench.clip.quality --refresh"
 QUALITY_UNMASKED_COMMAND = ("python -m bench.clip.quality --unmasked-steps {n} "
                             "--out bench/results/train-quality-unmasked-cpu.json")
@@ -604,8 +605,8 @@ def quality(files: dict) -> str:
         return section(QUALITY_TITLE, no_results(QUALITY_COMMAND))
     cfg = first["config"]
     intro = (
-        "Whether a CLIP trained with PGS is better than one trained with random masking at the same cost, at a "
-        f"scale a CPU runs: the {cfg['model']} CLIP (`bench/clip/model.py`) trained for {cfg['steps']} steps of "
+        "Whether a CLIP trained with PGS is better than one trained with random masking for the same number of "
+        f"steps, at a scale a CPU runs (at equal compute: [the next section](#{anchor(EQUAL_TITLE)})): the {cfg['model']} CLIP (`bench/clip/model.py`) trained for {cfg['steps']} steps of "
         f"batch {cfg['batch_size']} on captioned synthetic scenes (coloured shapes on a background that says "
         f"nothing about the caption), {len(first['seeds'])} seeds; per seed every run starts from the same weights "
         "and sees the same batches and learning-rate schedule, only the masking differs. Evaluated on held-out "
@@ -630,6 +631,207 @@ def quality(files: dict) -> str:
     parts += ["### What it shows", quality_findings(masked, tuned),
               "This is a tiny model on synthetic data on a CPU, not a CLIP benchmark."]
     return section(QUALITY_TITLE, *parts)
+
+
+# ----------------------------------------------------------------------------- training quality, equal compute
+
+EQUAL_TITLE = "Training quality at equal compute"
+EQUAL_NAME = "train-quality-equal-compute-cpu.json"
+EQUAL_COMMAND = "python -m bench.clip.quality --equal-compute --jobs 2 --refresh"
+EQUAL_METRICS = (("zero_shot_acc", "zero-shot"), ("i2t_r1", "image→text R@1"), ("t2i_r1", "text→image R@1"))
+
+
+def share_label(share) -> str:
+    return "every step" if share is None else percent(share, 0)
+
+
+VERDICTS = ("beats", "neither beats nor trails", "trails")
+
+
+def verdict(d: dict) -> str:
+    """The findings' rule: PGS beats (trails) where it is ahead (behind) in
+    every seed; otherwise neither."""
+    n = len(d["per_seed"])
+    return "beats" if d["positive"] == n else "trails" if d["negative"] == n else "neither beats nor trails"
+
+
+def paired_cell(d: dict) -> str:
+    return f"{d['mean']:+.3f} ± {d['std']:.3f} ({d['positive']}/{len(d['per_seed'])})"
+
+
+def equal_compute_steps_table(doc: dict) -> str:
+    f_full = next(f["flops"] for f in doc["flops_per_step"] if f["mode"] == "none")
+    share = {}
+    for s in doc.get("summary", []):
+        share.setdefault((s["mode"], s["mask_ratio"]), []).append(s["sel_share"])
+    rows = []
+    for f in doc["flops_per_step"]:
+        key = (f["mode"], f["mask_ratio"])
+        steps = [e for e in doc["plan"] if (e["mode"], e["mask_ratio"]) == key]
+        sel = share.get(key)
+        rows.append([QUALITY_MODES.get(f["mode"], f["mode"]), "–" if f["mode"] == "none" else f"{f['mask_ratio']:g}",
+                     f["tokens"], fixed(f["flops"] / 1e9, 3), fixed(f["flops"] / f_full, 3),
+                     "–" if f["mode"] == "none" else "not seen (one custom op)" if f["mode"] == "pgs"
+                     else fixed(f["selection_flops"] / 1e9, 3),
+                     ", ".join(f"{e['steps']} ({e['unmasked_steps']})" for e in steps) or "–",
+                     percent(statistics.mean(sel)) if sel else "–"])
+    text = table(["mask", "ratio", "tokens", "GFLOP / step", "of unmasked", "selection GFLOP (not in the budget)",
+                  "steps (unmasked) per share", "selection, share of step time"], rows)
+    # the published keep count K' <= K depends on the batch: its runs may spend a little less than planned
+    published = {}
+    for r in doc.get("rows", []):
+        if r["mode"] == "published" and r["tokens_mean"]:
+            published.setdefault(r["mask_ratio"], []).append(r["tokens_mean"])
+    if published:
+        text += ("\n\nTokens per image, CLS included, as counted on the first batch. The published algorithm keeps a "
+                 "batch-dependent count, at most that: on average "
+                 + words(f"{span(v, lambda x: fixed(x, 2))} at {r:g}" for r, v in sorted(published.items()))
+                 + " over its runs' masked steps.")
+    return text
+
+
+def equal_compute_table(doc: dict) -> str:
+    rows = []
+    for s in doc["summary"]:
+        rows.append([bold(QUALITY_MODES.get(s["mode"], s["mode"]), s["mode"] == "pgs"),
+                     "–" if s["mode"] == "none" else f"{s['mask_ratio']:g}", share_label(s["unmasked_share"]),
+                     f"{s['steps']} ({s['unmasked_steps']})"]
+                    + [pm(s[k], s[k + "_std"]) for k, _ in EQUAL_METRICS] + [fixed(s["cpu_s"], 1)])
+    return table(["mask", "ratio", "unmasked share", "steps (unmasked)"] + [t for _, t in EQUAL_METRICS]
+                 + ["CPU s"], rows)
+
+
+def equal_compute_paired(doc: dict) -> str:
+    by = {(d["mask_ratio"], d["unmasked_share"], d["against"], d["metric"]): d for d in doc["paired"]}
+    cases = list(dict.fromkeys((d["mask_ratio"], d["unmasked_share"], d["against"]) for d in doc["paired"]))
+    cases.sort(key=lambda c: (c[2] != "random", c[0], c[1]))
+    rows = [[f"PGS − {QUALITY_MODES[a]}", f"{r:g}", share_label(s)]
+            + [paired_cell(by[(r, s, a, k)]) if (r, s, a, k) in by else "–" for k, _ in EQUAL_METRICS]
+            for r, s, a in cases]
+    return table(["difference", "ratio", "unmasked share"] + [t for _, t in EQUAL_METRICS], rows)
+
+
+def case(d: dict) -> str:
+    return f"{d['mask_ratio']:g} with {share_label(d['unmasked_share'])} unmasked"
+
+
+def equal_compute_findings(doc: dict, tuned: dict = None) -> str:
+    """Whether PGS beats random masking and matches or beats no masking at
+    equal compute, worded from the paired differences and the summary;
+    ``tuned``: the equal-steps study with unmasked tuning, for the same share."""
+    lines = []
+    zs = {(d["against"], d["mask_ratio"], d["unmasked_share"]): d for d in doc["paired"]
+          if d["metric"] == "zero_shot_acc"}
+    over_random = [k[1:] for k, d in zs.items() if k[0] == "random" and verdict(d) == "beats"]
+    over_none = {v: [k[1:] for k, d in zs.items() if k[0] == "none" and verdict(d) == v] for v in VERDICTS}
+    if zs:
+        lines.append(
+            f"**In short**, at equal FLOPs PGS beats random masking in {len(over_random)} of "
+            f"{sum(k[0] == 'random' for k in zs)} cases (zero-shot, every seed) and no masking in "
+            f"{len(over_none['beats'])}; it matches no masking (neither beats nor trails) in "
+            f"{len(over_none['neither beats nor trails'])}"
+            + (f", every one with at least {share_label(min(s for _, s in over_none['neither beats nor trails']))} "
+               "of its steps unmasked at the end" if over_none["neither beats nor trails"] else "")
+            + f", and trails it in {len(over_none['trails'])}"
+            + (f", those with {words(sorted({share_label(s) for _, s in over_none['trails']}))} unmasked"
+               if over_none["trails"] else "") + ".")
+        lines.append("")
+    for against in ("random", "none"):
+        ds = [d for d in doc["paired"] if d["against"] == against and d["metric"] == "zero_shot_acc"]
+        if not ds:
+            continue
+        groups = []
+        for v in VERDICTS:
+            hit = [d for d in ds if verdict(d) == v]
+            if hit:
+                groups.append(f"{v} it at " + words(f"{case(d)} ({d['mean']:+.3f}, {d['positive']} of "
+                                                    f"{len(d['per_seed'])} seeds ahead)" for d in hit))
+        retrieval = [d for d in doc["paired"] if d["against"] == against and d["metric"] != "zero_shot_acc"]
+        counts = {v: sum(verdict(d) == v for d in retrieval) for v in VERDICTS}
+        lines.append(f"- **PGS against {'no masking' if against == 'none' else 'random masking'}**, zero-shot "
+                     "(mean paired difference): PGS " + "; ".join(groups) + ". In retrieval R@1 "
+                     f"(both ways, {len(retrieval)} comparisons) it beats it in {counts['beats']}, trails in "
+                     f"{counts['trails']}, neither in {counts['neither beats nor trails']}.")
+    first = doc["ratios"][0]
+    by = {(s["mode"], s["mask_ratio"], s["unmasked_share"]): s for s in doc["summary"]}
+    shares = doc["config"]["unmasked_shares"]
+    trend = [f"{QUALITY_MODES[m]} " + ", ".join(fixed(by[(m, first, x)]["zero_shot_acc"], 3) for x in shares)
+             for m in ("pgs", "random", "published") if all((m, first, x) in by for x in shares)]
+    if trend:
+        lines.append(f"- Zero-shot at {first:g} with {words(share_label(x) for x in shares)} of the steps unmasked: "
+                     + "; ".join(trend) + ".")
+    modes = [m for m in ("none", "pgs", "random", "published") if any(s["mode"] == m for s in doc["summary"])]
+    sel = {m: [s["sel_share"] for s in doc["summary"] if s["mode"] == m] for m in modes}
+    cpu = {m: statistics.mean(s["cpu_s"] for s in doc["summary"] if s["mode"] == m) for m in modes}
+    if len(modes) == 4:
+        lines.append("- Not in the budget, the selection's own time, as a share of a step: PGS "
+                     + span(sel["pgs"], percent) + ", random " + span(sel["random"], percent) + ", published "
+                     + span(sel["published"], percent) + ". In CPU time a run took " + ", ".join(
+                         f"{QUALITY_MODES[m]} {fixed(cpu[m], 1)} s" for m in cpu)
+                     + " on average (FLOPs do not count the data, which a longer run renders more of).")
+    steps = tuned and tuned["config"]["unmasked_steps"] / tuned["config"]["steps"]
+    if tuned and ("pgs", first, steps) in by:
+        t = summaries(tuned)
+        lines.append(f"- At equal steps with the same {share_label(steps)} unmasked (previous section), PGS at "
+                     f"{first:g} reached {fixed(t[('pgs', first)]['zero_shot_acc'], 3)} zero-shot; the extra steps "
+                     f"of equal compute bring it to {fixed(by[('pgs', first, steps)]['zero_shot_acc'], 3)}, and "
+                     f"random masking from {fixed(t[('random', first)]['zero_shot_acc'], 3)} to "
+                     f"{fixed(by[('random', first, steps)]['zero_shot_acc'], 3)}.")
+    if zs and not over_none["beats"]:
+        matched = over_none["neither beats nor trails"]
+        lines += ["", "What the study suggests. "
+                  + ("The extra steps masking buys make PGS as good as no masking here, not better, and only with at "
+                     f"least {share_label(min(s for _, s in matched))} of a run's steps unmasked at the end"
+                     if matched else "The extra steps masking buys do not make PGS as good as no masking here")
+                  + ": the models are tested on full images, and the masked-as-trained scores of the previous "
+                  "section show how much of a masked model's gap is that shift. "
+                  + EQUAL_LIMITS.format(steps=doc["budget"]["steps"])]
+    return "\n".join(lines)
+
+
+EQUAL_LIMITS = (
+    "Whether more images per FLOP would make PGS better than no masking, as FLIP and the paper find at web scale, "
+    "this study cannot say: its data are an unbounded stream of synthetic scenes (32 colour-shape classes in 9 "
+    "places, on backgrounds that carry nothing), its model is tiny (two blocks of width 64 per tower, 64 patches "
+    "of 64² images) and its budget is {steps} unmasked steps. That needs a larger model on real image-text pairs.")
+
+
+def quality_equal_compute(files: dict) -> str:
+    doc = files.get(EQUAL_NAME)
+    if doc is None:
+        return section(EQUAL_TITLE, no_results(EQUAL_COMMAND))
+    cfg, budget = doc["config"], doc["budget"]
+    shares = words(share_label(x) for x in cfg["unmasked_shares"])
+    intro = (
+        "The comparison FLIP and the PGS paper make: at the same training budget a masked model takes more "
+        "steps, and sees more images, for the same compute. The budget is the FLOPs of the unmasked run: "
+        f"{budget['steps']} steps of batch {cfg['batch_size']} on the tiny CLIP, {fixed(budget['flops'] / 1e12, 3)} "
+        "TFLOP. One training step of each mode and ratio (image and text towers, forward and backward) is counted "
+        "in the same run with `torch.utils.flop_counter.FlopCounterMode`: matmuls, convolutions and attention (on "
+        "CPU, SDPA's flash kernel, counted with the counter's CUDA formula); elementwise ops, norms and the "
+        "optimizer are not counted, and neither is the masking selection (its FLOPs and time share are in the "
+        "first table). FLOPs, unlike CPU time, do not move with the machine's load. Each masked run takes the most "
+        "steps whose FLOPs fit in the budget, the last share of them unmasked (FLIP's unmasked tuning), its "
+        "warm-up and cosine decay stretched to its length. Per seed every run starts from the same weights and "
+        f"sees the same batches in the same order: a longer run sees the unmasked run's {budget['steps']} batches, "
+        f"then the next ones of the same stream. Unmasked shares {shares} at mask ratio {doc['ratios'][0]:g}"
+        + (f", {share_label(cfg['unmasked_share_other_ratios'])} at {words(f'{r:g}' for r in doc['ratios'][1:])}"
+           if doc["ratios"][1:] else "")
+        + f"; seeds {words(doc['seeds'])}. Scores as in the previous section, on full images; mean ± std over seeds.")
+    took = (f" The study took {doc['wall_s'] / 60:.0f} min, {cfg['jobs']} runs at a time, {cfg['threads']} thread each."
+            if "wall_s" in doc else "")
+    paired_intro = ("Paired differences, per seed (same weights, same batches): mean ± std over seeds, and in "
+                    "brackets the seeds where PGS is ahead. Below, PGS *beats* (*trails*) where it is ahead (behind) "
+                    "in every seed; otherwise it *neither beats nor trails*.")
+    parts = [intro, code(EQUAL_COMMAND), provenance(files, EQUAL_NAME, doc) + took,
+             "### Steps per mode at equal FLOPs", equal_compute_steps_table(doc)]
+    if doc.get("summary"):
+        parts += ["### Scores", equal_compute_table(doc), figure(files, EQUAL_NAME[:-5] + ".png", EQUAL_TITLE),
+                  "### Paired differences", paired_intro, equal_compute_paired(doc),
+                  "### What it shows", equal_compute_findings(doc, files.get("train-quality-unmasked-cpu.json"))]
+    else:
+        parts.append(f"The study did not finish: {len(doc['rows'])} runs recorded, no summary.")
+    return section(EQUAL_TITLE, *parts)
 
 
 # ----------------------------------------------------------------------------- published baseline
@@ -1167,6 +1369,7 @@ SECTIONS = (
     (PAIRS_TITLE, tested_pairs),
     (RETENTION_TITLE, retention),
     (QUALITY_TITLE, quality),
+    (EQUAL_TITLE, quality_equal_compute),
     (PUBLISHED_TITLE, published),
     (MICRO_TITLE, micro),
     (NATIVE_TITLE, native),
@@ -1181,7 +1384,8 @@ INTRO = (
     "which counts the run's own threads, and how many cores other processes held). This page is rendered from the committed files in "
     "`bench/results/`. A script writes into `bench/out/` (untracked) unless given `--refresh`, which writes into "
     "`bench/results/` and replaces the figures quoted here; then `python -m bench.render_docs` renders this page "
-    "again and `python -m bench.plot` redraws the figures. Timings warn, on the terminal and in their JSON, when "
+    "again and `python -m bench.plot` redraws the figures (the retention figures: `python -m bench.retention "
+    "--plot-only --refresh`). Timings warn, on the terminal and in their JSON, when "
     "other processes held a core the run needed.")
 
 

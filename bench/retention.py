@@ -29,12 +29,15 @@ Run ``python -m bench.retention`` (``--quick`` for a smoke run). Writes
 overwritten) unless ``--out`` is given,
 and beside it ``retention.png`` (photos) and ``retention-scenes.png``
 (synthetic scenes), each with every method's dropped patches in grey
-(``python -m bench.plot`` redraws them from the JSON).
+(``--plot-only`` redraws them from the JSON at ``--out``, running nothing
+else).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -45,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import LoadRecord, argument_parser, environment, out_help, result_path, write_result
+from bench.plot import image_grid
 from pgs_kernels import samples
 
 METHODS = ("random", "published", "cluster", "pgs_no_ot", "pgs")
@@ -241,6 +245,60 @@ def figure_selections(methods: Dict[str, Callable], photos: torch.Tensor, batch:
     return doc
 
 
+GREY_NOTE = "grey = dropped patch"
+
+
+def _kept_title(method: str, dropped: Sequence[int], L: int) -> str:
+    return f"{method} ({L - len(dropped)}/{L} kept)"
+
+
+def _dropped_mask(idx: Sequence[int], L: int) -> np.ndarray:
+    m = np.zeros(L, dtype=bool)
+    m[list(idx)] = True
+    return m
+
+
+def plot_figures(doc: Dict, stem: str) -> List[str]:
+    """Renders the photos and scenes of ``doc["figures"]`` with each method's
+    dropped patches in grey and has ``bench.plot`` draw them:
+    ``<stem>.png`` (photos) and ``<stem>-scenes.png``; returns the PNGs."""
+    figs = doc.get("figures")
+    if not figs:
+        return []
+    P, ratio, methods = figs["patch_size"], figs["mask_ratio"], figs["methods"]
+    out = []
+    ph = figs.get("photos")
+    if ph:
+        rows, titles = [], None
+        for i, name in enumerate(ph["names"]):
+            _, disp = load_photo(name, ph["size"])
+            L = (disp.shape[0] // P) * (disp.shape[1] // P)
+            drops = {m: ph["dropped"][m][i] for m in methods}
+            rows.append([disp] + [samples.grey_dropped(disp, _dropped_mask(drops[m], L), P) for m in methods])
+            if titles is None:
+                titles = ["photo (centre crop)"] + [_kept_title(m, drops[m], L) for m in methods]
+        out.append(image_grid(stem + ".png", rows, titles, ph["names"],
+                              f"{GREY_NOTE} (mask ratio {ratio}, {P}x{P} patches, same noise for every method)"))
+    sc = figs.get("scenes")
+    if sc:
+        rows, titles, labels = [], None, []
+        for i, seed in enumerate(sc["seeds"]):
+            s = samples.make_scene(seed, sc["size"])
+            disp = s["display"]
+            L = (disp.shape[0] // P) * (disp.shape[1] // P)
+            objects = object_patches(s["mask"][None], P)[0].numpy()
+            drops = {m: sc["dropped"][m][i] for m in methods}
+            rows.append([disp, samples.grey_dropped(disp, ~objects, P)]
+                        + [samples.grey_dropped(disp, _dropped_mask(drops[m], L), P) for m in methods])
+            labels.append(f"{s['background']} (seed {seed})")
+            if titles is None:
+                titles = ["scene", "object patches"] + [_kept_title(m, drops[m], L) for m in methods]
+        out.append(image_grid(stem + "-scenes.png", rows, titles, labels,
+                              f"{GREY_NOTE} (mask ratio {ratio}, {P}x{P} patches); "
+                              "column 2: grey = not an object patch (< half object pixels)"))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argument_parser(__doc__)
     ap.add_argument("--scenes", type=int, default=256, help="synthetic scenes (seeds 0..N-1)")
@@ -254,7 +312,14 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="64 scenes, 4 photo seeds")
     ap.add_argument("--out", default=result_path("retention.json"), help=out_help("retention.json"))
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the figures of the JSON at --out; run nothing")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        with open(args.out) as f:
+            pngs = plot_figures(json.load(f), os.path.splitext(args.out)[0])
+        for png in pngs:
+            print(f"wrote {png}")
+        return 0 if pngs else 1
     if args.quick:
         args.scenes, args.photo_seeds = 64, 4
     P = 16
@@ -315,9 +380,7 @@ def main(argv=None) -> int:
         doc["figures"] = figure_selections(methods, photos, args.batch, 0.5, P)
     write_result(args.out, doc)
     if not args.no_plot:
-        from bench.plot import plot_file
-
-        for png in plot_file(args.out):
+        for png in plot_figures(doc, os.path.splitext(args.out)[0]):
             print(f"wrote {png}")
     return 0
 

@@ -124,6 +124,22 @@ def test_retention_tiny(tmp_path):
     assert len(figs["scenes"]["dropped"]["pgs"]) == len(figs["scenes"]["seeds"])
     assert all(len(d) == 98 for d in figs["photos"]["dropped"]["pgs"])
     assert (tmp_path / "ret.png").exists() and (tmp_path / "ret-scenes.png").exists()
+    first = (tmp_path / "ret.png").read_bytes()
+    (tmp_path / "ret.png").unlink()
+    assert retention.main(["--plot-only", "--out", str(out)]) == 0
+    assert (tmp_path / "ret.png").read_bytes() == first
+
+
+def test_plot_imports_no_study():
+    """bench.plot only draws what it is handed: it imports no benchmark
+    (the retention study renders its images and passes them to image_grid)."""
+    import ast
+
+    with open(plot.__file__) as f:
+        tree = ast.parse(f.read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert {m for m in imported if m.startswith(("bench", "pgs_kernels", "python_ref"))} == {"bench.common"}
 
 
 def test_published_fixture_builds_its_inputs():
@@ -226,6 +242,44 @@ def test_quality_tiny(tmp_path):
     assert "zero_shot_acc_masked" in doc["rows"][1] and "zero_shot_acc_masked" not in doc["rows"][0]
     assert {(s["mode"], s["mask_ratio"]) for s in doc["summary"]} == {("none", 0.0), ("random", 0.75), ("pgs", 0.75)}
     assert (tmp_path / "quality.png").stat().st_size > 0
+
+
+def test_quality_equal_compute_tiny(tmp_path):
+    """The equal-compute arm in a few steps: one FLOP budget, more steps for
+    the masked runs, within it, and the paired differences per seed."""
+    out = tmp_path / "equal.json"
+    assert quality.main(["--equal-compute", "--steps", "4", "--seeds", "1", "--modes", "none,random,pgs",
+                         "--ratios", "0.5", "0.75", "--unmasked-shares", "0", "0.25", "--batch-size", "8",
+                         "--warmup", "2", "--eval-scenes", "16", "--zero-shot-scenes", "16", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    check_env(doc, "train_quality_equal_compute")
+    assert doc["seeds"] == [0]
+    f = {(x["mode"], x["mask_ratio"]): x for x in doc["flops_per_step"]}
+    assert f[("pgs", 0.5)]["flops"] == f[("random", 0.5)]["flops"] < f[("none", 0.0)]["flops"]
+    assert doc["budget"]["flops"] == 4 * f[("none", 0.0)]["flops"]
+    plan = {(e["mode"], e["mask_ratio"], e["unmasked_share"]): e for e in doc["plan"]}
+    assert set(plan) == {("none", 0.0, None)} | {(m, 0.5, s) for m in ("random", "pgs") for s in (0.0, 0.25)} | {
+        (m, 0.75, 0.1) for m in ("random", "pgs")}
+    assert plan[("none", 0.0, None)]["steps"] == 4
+    for (mode, ratio, share), e in plan.items():
+        assert e["flops"] <= doc["budget"]["flops"]
+        if mode != "none":
+            assert e["steps"] > 4 and e["unmasked_steps"] == int(share * e["steps"] + 0.5)
+    assert plan[("pgs", 0.75, 0.1)]["steps"] > plan[("pgs", 0.5, 0.0)]["steps"] >= plan[("pgs", 0.5, 0.25)]["steps"]
+    assert len(doc["rows"]) == len(plan) == len(doc["summary"])
+    assert {r["steps"] for r in doc["rows"] if r["mode"] == "pgs"} == {plan[k]["steps"] for k in plan if k[0] == "pgs"}
+    paired = {(d["against"], d["mask_ratio"], d["unmasked_share"], d["metric"]): d for d in doc["paired"]}
+    assert len(paired) == 2 * 3 * 3
+    d = paired[("random", 0.5, 0.25, "zero_shot_acc")]
+    rows = {(r["mode"], r["unmasked_share"]): r for r in doc["rows"] if r["mask_ratio"] == 0.5}
+    assert d["per_seed"] == [rows[("pgs", 0.25)]["zero_shot_acc"] - rows[("random", 0.25)]["zero_shot_acc"]]
+    assert d["positive"] + d["negative"] <= 1 and d["seeds"] == [0]
+    assert (tmp_path / "equal.png").stat().st_size > 0
+    from bench import render_docs
+
+    page = render_docs.quality_equal_compute({"_dir": ".", render_docs.EQUAL_NAME: doc})
+    assert "### Paired differences" in page and "| PGS − random | 0.5 | 25 % |" in page
+    assert "**PGS against no masking**" in page and "**In short**" in page
 
 
 def test_quality_scores_count_shared_captions_as_hits():
