@@ -1260,7 +1260,44 @@ def throughput(files: dict) -> str:
             parts += [f"### ViT-B/16 on {device_label(own)}: the project's model against open_clip's",
                       "The same modes on the two models (own: `bench/clip/model.py`; open_clip: its ViT-B-16 "
                       "masked through `pgs_kernels.use_pgs`).", throughput_compare(own, oc)]
+    parts += trainer_speed(files)
     return section(THROUGHPUT_TITLE, *parts)
+
+
+TRAINER_VARIANTS = (("none", "no masking"), ("random", "random, `--force-patch-dropout 0.5`"),
+                    ("pgs", "PGS, the published flags"))
+
+
+def trainer_speed(files: dict) -> list:
+    """open_clip's own trainer (``python -m pgs_kernels.train``), from its log: ``bench.trainer_speed``."""
+    parts = []
+    for name, doc in matching(files, "trainer-"):
+        if doc.get("benchmark") != "trainer_speed" or not doc.get("variants"):
+            continue
+        st, v = doc["settings"], doc["variants"]
+        none = v.get("none", {}).get("samples_per_s")
+        rows = []
+        for key, label in TRAINER_VARIANTS:
+            if key not in v:
+                continue
+            r = v[key]
+            tokens = f"{r['tokens_train']} of {r['tokens_all']}" if "tokens_train" in r else "–"
+            rows.append([bold(label, key == "pgs"), f"{r['batch_size']}", sig(r["samples_per_s"]),
+                         fixed(r["samples_per_s"] / none, 2) if none else "–", tokens])
+        command = (f"python -m bench.trainer_speed --device {st['device']} --model {st['model']} --image-size "
+                   f"{st['image_size']} --batch-size {st['batch_size']} --steps {st['steps']} --warmup "
+                   f"{st['warmup']} --refresh")
+        pgs_cmd = v.get("pgs", {}).get("command", "")
+        parts += [f"### open_clip's trainer, `python -m pgs_kernels.train`: {st['model']} on {device_label(doc)}",
+                  code(command), provenance(files, name, doc),
+                  (f"Samples per second that `open_clip_train` logs for each step (its wall time, data loading "
+                   f"included), the median over the {st['steps'] - st['warmup']} steps after {st['warmup']} warm-up "
+                   f"steps; synthetic data, {st['precision']}, one process per variant"
+                   + (f" on {st['threads']} thread{'s' if st['threads'] != 1 else ''}" if st["device"] == "cpu"
+                      else "") + ". PGS runs mid-schedule (`--pgs-token-weight 0.5`). "
+                   + (f"The PGS run: `{pgs_cmd}`." if pgs_cmd else "")),
+                  table(["variant", "batch", "samples/s", "× none", "tokens in training"], rows)]
+    return parts
 
 
 # ----------------------------------------------------------------------------- fuzzing
