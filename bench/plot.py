@@ -283,17 +283,21 @@ def train_quality(doc: Dict, png: str) -> List[str]:
                  f"({cfg.get('steps', '?')} steps of batch {cfg.get('batch_size', '?')} for every mode"
                  + (f", the last {cfg['unmasked_steps']} unmasked" if cfg.get("unmasked_steps") else "") + "; "
                  f"mean ± std over {len(doc.get('seeds', [])) or '?'} seeds)", fontsize=10)
-    before = load.get("before")
-    fig.text(0.01, 0.01, f"{doc.get('device_name', doc.get('device'))}; torch {doc.get('torch')}; "
-             f"{load.get('threads', '?')} thread(s); commit {str(doc.get('commit'))[:10]}"
-             + (f"; load {before[0]:.2f} at start" if before else "")
-             + (f"; other processes {load['others_cores_during']} cores on average"
-                if load.get("others_cores_during") is not None else ""),
-             fontsize=7, color="0.3")
+    _footer(fig, doc, load, f"{load.get('threads', '?')} thread(s)")
     fig.tight_layout(rect=(0, 0.03, 1, 0.94))
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return [png]
+
+
+def _footer(fig, doc: Dict, load: Dict, threads: str) -> None:
+    """A study figure's last line: machine, torch, threads, commit, load."""
+    before = load.get("before")
+    fig.text(0.01, 0.01, f"{doc.get('device_name', doc.get('device'))}; torch {doc.get('torch')}; {threads}; "
+             f"commit {str(doc.get('commit'))[:10]}" + (f"; load {before[0]:.2f} at start" if before else "")
+             + (f"; other processes {load['others_cores_during']} cores on average"
+                if load.get("others_cores_during") is not None else ""),
+             fontsize=7, color="0.3")
 
 
 def _label_share(share) -> str:
@@ -363,13 +367,8 @@ def train_quality_equal_compute(doc: Dict, png: str) -> List[str]:
                  f"steps of batch {doc.get('config', {}).get('batch_size', '?')} "
                  f"({budget.get('flops', 0) / 1e12:.2f} TFLOP); mean ± std over "
                  f"{len(doc.get('seeds', [])) or '?'} seeds", fontsize=10)
-    before = load.get("before")
-    fig.text(0.01, 0.01, f"{doc.get('device_name', doc.get('device'))}; torch {doc.get('torch')}; "
-             f"{doc.get('config', {}).get('jobs', 1)} run(s) at a time, {load.get('threads', '?')} thread(s) in all; "
-             f"commit {str(doc.get('commit'))[:10]}" + (f"; load {before[0]:.2f} at start" if before else "")
-             + (f"; other processes {load['others_cores_during']} cores on average"
-                if load.get("others_cores_during") is not None else ""),
-             fontsize=7, color="0.3")
+    _footer(fig, doc, load, f"{doc.get('config', {}).get('jobs', 1)} run(s) at a time, "
+                            f"{load.get('threads', '?')} thread(s) in all")
     fig.tight_layout(rect=(0, 0.1, 1, 0.94))
     fig.savefig(png, dpi=110)
     plt.close(fig)

@@ -318,9 +318,14 @@ def main(argv=None) -> int:
         doc["wall_s"] = time.perf_counter() - t0
         write_result(args.out, doc, quiet=True)  # after every run: a killed study keeps what it measured
     doc["summary"] = summarize(doc["rows"])
+    print_summary(doc["summary"])
+    return finish_study(args, doc, load, t0)
+
+
+def finish_study(args, doc: Dict, load: LoadRecord, t0: float) -> int:
+    """A study's last step: the load and wall time, the JSON, its plot."""
     doc["load"] = load.finish()
     doc["wall_s"] = time.perf_counter() - t0
-    print_summary(doc["summary"])
     print(f"study wall time {doc['wall_s']:.0f} s; load before {doc['load']['before']}, after {doc['load']['after']}, "
           f"other processes {doc['load']['others_cores_during']} cores on average")
     write_result(args.out, doc)
@@ -558,18 +563,8 @@ def equal_compute(args) -> int:
                 record(fut.result())
     doc["summary"] = summarize_equal_compute(doc["rows"])
     doc["paired"] = paired_differences(doc["rows"])
-    doc["load"] = load.finish()
-    doc["wall_s"] = time.perf_counter() - t0
     print_equal_compute(doc)
-    print(f"study wall time {doc['wall_s']:.0f} s; load before {doc['load']['before']}, after {doc['load']['after']}, "
-          f"other processes {doc['load']['others_cores_during']} cores on average")
-    write_result(args.out, doc)
-    if not args.no_plot:
-        from bench.plot import plot_file
-
-        for png in plot_file(args.out):
-            print(f"wrote {png}")
-    return 0
+    return finish_study(args, doc, load, t0)
 
 
 if __name__ == "__main__":
