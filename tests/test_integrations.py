@@ -313,7 +313,7 @@ def test_compiled_training_step_matches_eager(name):
 
 @pytest.mark.parametrize("name", model_params(["timm registers", "open_clip patch 14"]))
 def test_compile_fullgraph_across_the_token_weight_schedule(name):
-    """Issue 23's reproduction, tiny: set_pgs_epoch(epoch, 10) each epoch,
+    """A schedule under torch.compile, tiny: set_pgs_epoch(epoch, 10) each epoch,
     fullgraph, a backward per step. One graph serves every epoch (the weight
     reaches the operator in a tensor, whose value dynamo does not guard on;
     a float there would be a recompile per epoch, and fullgraph fails past
