@@ -36,7 +36,7 @@ from typing import Dict
 
 import torch
 
-from .contract import PGSCall, check_op_args, fixed_weight
+from .contract import PGSCall, check_op_args, check_params, fixed_weight
 
 _ARGS = ("Tensor images, Tensor? tokens, Tensor noise, int patch_size, int num_keep, int num_candidates, "
          "float sim_threshold, float token_weight, float edge_weight, bool use_ot, float ot_reg, int ot_iters")
@@ -185,9 +185,11 @@ _lib.impl("pgs_select_scheduled", scheduled_kernel, "CompositeExplicitAutograd")
 @torch.library.register_fake(SCHEDULED_OP_NAME)
 def _fake_scheduled(images, tokens, noise, patch_size, num_keep, num_candidates, sim_threshold,
                     token_weight, edge_weight, use_ot, ot_reg, ot_iters):
-    # The weight's value is unknown here; 0 lets the checks pass the tokens, which a weight > 0 reads.
-    if not isinstance(token_weight, torch.Tensor) or token_weight.dim() != 0 or token_weight.device.type != "cpu":
+    # The weight's value is unknown here: its form is checked as pgs_select
+    # checks it, and 0 lets the checks pass the tokens, which a weight > 0 reads.
+    if not isinstance(token_weight, torch.Tensor):
         raise ValueError("token_weight of pgs_select_scheduled must be a 0-dim CPU tensor")
+    check_params(token_weight=token_weight)
     return _fake(images, tokens, noise, patch_size, num_keep, num_candidates, sim_threshold,
                  0.0, edge_weight, use_ot, ot_reg, ot_iters)
 
