@@ -6,6 +6,14 @@
 # Parts (in this order; default all):
 #   smoke     python -m bench.gpu_smoke: compile, registers as loaded, agreement with
 #             the fp64 reference, invariants, layouts, timing (2 min)
+#   sweep     python -m bench.kernel_sweep: every launch setting of the Triton kernel
+#             (pgs_kernels/triton_tuning.py SPACE: warps, stages, register cap, the
+#             pixel product's precision) at batch 256 on 224/16 with and without
+#             tokens and 336/14, each checked against the fp64 reference before it is
+#             timed (do_bench); the fastest correct per call into
+#             triton-tuning-DEV.json, every candidate into sweep-DEV.json(l);
+#             240 s budget, its own limit SWEEP_TIMEOUT (default 300 s). The
+#             table changes only by hand: python -m bench.kernel_sweep --merge FILE
 #   tests     the test suite with CUDA present (Triton compiled, CUDA graphs,
 #             torch.compile), the slow packaging test left out; each test's outcome
 #             as a JSON line the moment it ends (gpu-tests-DEV.jsonl), a JUnit XML at
@@ -18,8 +26,9 @@
 #             (amp), 40 steps each without masking, with random patch dropout 0.5 and
 #             with PGS; samples/s from its log into trainer-DEV.json (~3 min; skipped, with
 #             a message and a JSON saying why, where open_clip_train does not import)
-# Each part runs under `timeout` (PART_TIMEOUT seconds, default 480) and writes
-# its files into the output folder as soon as it ends. The native CPU kernel is
+# Each part runs under `timeout` (PART_TIMEOUT seconds, default 480; the sweep
+# SWEEP_TIMEOUT, default 300) and writes its files into the output folder as
+# soon as it ends. The native CPU kernel is
 # not built: no part needs it for the GPU figures, and the build takes ~3 min;
 # the tests part runs the CPU paths on the reference fallback (the native tests
 # skip). Set BUILD_NATIVE=1 to build it first (inside the tests part's time).
@@ -35,12 +44,12 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT_DIR=$2; shift 2 ;;
     --out=*) OUT_DIR=${1#--out=}; shift ;;
-    smoke|tests|memcheck|micro|train) PARTS+=("$1"); shift ;;
+    smoke|sweep|tests|memcheck|micro|train) PARTS+=("$1"); shift ;;
     -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0"; exit 0 ;;  # the comment block above
-    *) echo "gpu_suite: unknown argument '$1' (parts: smoke tests memcheck micro train; --out DIR)" >&2; exit 2 ;;
+    *) echo "gpu_suite: unknown argument '$1' (parts: smoke sweep tests memcheck micro train; --out DIR)" >&2; exit 2 ;;
   esac
 done
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(smoke tests memcheck micro train)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(smoke sweep tests memcheck micro train)
 PART_TIMEOUT=${PART_TIMEOUT:-480}
 mkdir -p "$OUT_DIR"
 
@@ -55,14 +64,15 @@ print(next((t for t in ('h200', 'h100', 'a100', 'l40s', 'a10g', 'l4') if t in n)
 
 declare -A STATUS
 failed=0
-run_part() {  # run_part NAME EXPECTED_FILE COMMAND...
+run_part() {  # run_part NAME EXPECTED_FILE COMMAND...  (LIMIT=seconds overrides PART_TIMEOUT)
   local name=$1 expect=$2; shift 2
-  echo; echo "=== [$(date +%H:%M:%S)] $name (limit ${PART_TIMEOUT}s)"
+  local limit=${LIMIT:-$PART_TIMEOUT}
+  echo; echo "=== [$(date +%H:%M:%S)] $name (limit ${limit}s)"
   local t0=$SECONDS rc
-  timeout --kill-after=20 "$PART_TIMEOUT" "$@"
+  timeout --kill-after=20 "$limit" "$@"
   rc=$?
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
-    STATUS[$name]="timed out after ${PART_TIMEOUT}s"
+    STATUS[$name]="timed out after ${limit}s"
   elif [ $rc -ne 0 ]; then
     STATUS[$name]="failed (exit $rc)"
   elif [ -n "$expect" ] && [ ! -s "$expect" ]; then
@@ -118,6 +128,8 @@ export -f tests_part memcheck_part train_part
 for part in "${PARTS[@]}"; do
   case "$part" in
     smoke) run_part smoke "$OUT_DIR/gpu-smoke-$DEV.json" $PY -m bench.gpu_smoke --out "$OUT_DIR" ;;
+    sweep) LIMIT=${SWEEP_TIMEOUT:-300} run_part sweep "$OUT_DIR/triton-tuning-$DEV.json" \
+             $PY -m bench.kernel_sweep --out "$OUT_DIR" --budget-s 240 ;;
     tests) run_part tests "$OUT_DIR/gpu-tests-$DEV.jsonl" bash -c tests_part
            # Outside the part's time limit: a timed-out run gets its summary too.
            $PY -m bench.pytest_log "$OUT_DIR/gpu-tests-$DEV.jsonl" --out "$OUT_DIR/gpu-tests-$DEV.json" \

@@ -126,6 +126,20 @@ def parse_config(text: str):
     return int(m.group(1)), int(m.group(2)), tdt, (int(m.group(4) or 768) if tdt else 0)
 
 
+def parse_tuning(text: str) -> dict:
+    """``num_warps=4,num_stages=1,maxnreg=none,DOT=ieee`` -> the settings over
+    ``triton_tuning.DEFAULT``."""
+    from pgs_kernels import triton_tuning
+
+    out = dict(triton_tuning.DEFAULT)
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        if name not in out:
+            raise ValueError(f"--tuning: unknown setting {name!r} (known: {', '.join(out)})")
+        out[name] = None if value.lower() == "none" else int(value) if value.isdigit() else value
+    return out
+
+
 def _counts(L: int):
     # Imported here: the package must load after the choice between the
     # interpreter (trace worker) and the compiler (report) is made.
@@ -134,8 +148,9 @@ def _counts(L: int):
     return pgs_counts(L, MASK_RATIO, CANDIDATE_RATIO)  # (K, M, k)
 
 
-def plan(cfg, batch: int, device: str, compiled: bool, tok_dtype=None):
-    """The launcher's own plan for this configuration: ``(outputs, launches)``."""
+def plan(cfg, batch: int, device: str, compiled: bool, tok_dtype=None, tuning=None):
+    """The launcher's own plan for this configuration: ``(outputs, launches)``,
+    with the launch settings ``tuning`` (default ``triton_tuning.DEFAULT``)."""
     import torch
     from pgs_kernels import triton_pgs
 
@@ -153,7 +168,7 @@ def plan(cfg, batch: int, device: str, compiled: bool, tok_dtype=None):
             torch.randn(batch, L, d, generator=torch.Generator().manual_seed(2)).to(dt)
         tw = TOKEN_WEIGHT
     return triton_pgs._launch_plan(images, tokens, noise, p, K, k, SIM_THRESHOLD, tw, EDGE_WEIGHT, True,
-                                   OT_REG, OT_ITERS, compiled=compiled)
+                                   OT_REG, OT_ITERS, compiled=compiled, tuning=tuning)
 
 
 def _bytes_moved(cfg, batch: int) -> int:
@@ -607,7 +622,7 @@ def _trace_worker(request: dict) -> dict:
     # bf16 tokens take the tensor-core path when compiled; the interpreter runs
     # that path correctly on fp16 (same loops, same constexprs).
     tok_dtype = torch.float16 if cfg[2] == "bf16" else None
-    _, launches = plan(cfg, 1, "cpu", compiled=False, tok_dtype=tok_dtype)
+    _, launches = plan(cfg, 1, "cpu", compiled=False, tok_dtype=tok_dtype, tuning=request.get("tuning"))
     kernel_file = os.path.realpath(triton_pgs.__file__)
     results = []
     for n, (kernel, grid, args, meta) in enumerate(launches):
@@ -675,9 +690,9 @@ def _trace_worker(request: dict) -> dict:
     return dict(kernel_file=kernel_file, launches=results)
 
 
-def trace_config(cfg, metas) -> dict:
+def trace_config(cfg, metas, tuning=None) -> dict:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    req = json.dumps(dict(config=list(cfg), metas=metas))
+    req = json.dumps(dict(config=list(cfg), metas=metas, tuning=tuning))
     proc = subprocess.run([sys.executable, "-m", "bench.kernel_report", "--trace-worker", req], cwd=ROOT,
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -700,19 +715,29 @@ def _json_meta(meta) -> dict:
     return {k: v for k, v in meta.items() if isinstance(v, (int, float, bool, str)) and k not in ("num_warps", "num_stages")}
 
 
-def report_config(cfg, archs, batch: int = BATCH, verbose: bool = False) -> List[dict]:
+def report_config(cfg, archs, batch: int = BATCH, verbose: bool = False, tuning=None) -> List[dict]:
+    """The rows of one configuration, one per architecture, each compiled with
+    ``tuning`` or else the architecture's offline best
+    (``triton_tuning.default_for``); each distinct setting is traced once."""
+    from pgs_kernels import triton_tuning
+
     size, p, tdt, d = cfg
-    _, launches = plan(cfg, batch, "meta", compiled=True)
-    metas = [_json_meta(m) for _, _, _, m in launches]
-    trace = trace_config(cfg, metas)
-    kernel_file = trace["kernel_file"]
-    kernel_names = sorted({k.fn.__name__ for k, _, _, _ in launches})
-    steps_of = step_map(kernel_file, kernel_names)
+    traced = {}
     rows = []
     for arch in archs:
+        settings = dict(tuning) if tuning else triton_tuning.default_for(arch)
+        key = json.dumps(settings, sort_keys=True)
+        _, launches = plan(cfg, batch, "meta", compiled=True, tuning=settings)
+        if key not in traced:
+            traced[key] = trace_config(cfg, [_json_meta(m) for _, _, _, m in launches], settings)
+        trace = traced[key]
+        kernel_file = trace["kernel_file"]
+        kernel_names = sorted({k.fn.__name__ for k, _, _, _ in launches})
+        steps_of = step_map(kernel_file, kernel_names)
         a = ARCHS[arch]
         row = dict(arch=arch, height=size, width=size, patch_size=p, batch=batch, dtype="fp32",
-                   tokens_dtype=tdt, token_width=d if tdt else None, launches=len(launches))
+                   tokens_dtype=tdt, token_width=d if tdt else None, launches=len(launches),
+                   tuning={k: settings[k] for k in sorted(settings)})
         ptxas = set()
         tot_instr, warp_instr, by_step, by_class, loops_desc = 0.0, 0.0, {}, {}, []
         regs, spills, shared, warps_list, ctas = [], 0, [], [], []
@@ -787,6 +812,8 @@ def main(argv=None):
     ap.add_argument("--archs", nargs="*", default=list(ARCHS), choices=list(ARCHS))
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--steps", action="store_true", help="print the per-step split too")
+    ap.add_argument("--tuning", default=None,
+                    help="launch settings instead of triton_tuning.DEFAULT, e.g. num_warps=4,DOT=ieee")
     ap.add_argument("--verbose", action="store_true", help="print the SASS loops and their trip counts")
     ap.add_argument("--trace-worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -802,9 +829,10 @@ def main(argv=None):
     import triton
 
     configs = [parse_config(c) for c in args.configs] if args.configs else CONFIGS
+    tuning = parse_tuning(args.tuning) if args.tuning else None
     rows = []
     for cfg in configs:
-        rows += report_config(cfg, args.archs, args.batch, verbose=args.verbose)
+        rows += report_config(cfg, args.archs, args.batch, verbose=args.verbose, tuning=tuning)
     rows.sort(key=lambda r: (list(ARCHS).index(r["arch"]), r["height"], -r["patch_size"]))
     doc = dict(device="offline: " + ", ".join(ARCHS[a]["name"] for a in args.archs) + " (ptxas, no GPU)",
                triton=triton.__version__, torch=torch.__version__, commit=git_commit(),

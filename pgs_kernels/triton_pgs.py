@@ -33,7 +33,10 @@ runs six steps, one ``@triton.jit`` helper each:
    ``order[r]`` is the ``r``-th, the candidates are ``order[0..k)``.
 4. ``_similarity_block``: ``S`` (``k x L``) in tiles of ``BK ≥ k`` candidates x
    ``BJ`` patches, each pixel tile read once for all candidates:
-   ``acc_ij = Σ_e (x_ie - c_i)(x_je - c_j)`` (``tl.dot`` in fp32, ``ieee``;
+   ``acc_ij = Σ_e (x_ie - c_i)(x_je - c_j)`` (``tl.dot`` with fp32
+   accumulators, patches-major: by default on the tensor cores as
+   ``hi·hi + hi·lo + lo·hi`` of the exact tf32 splits ``x = hi + lo``
+   (``_dot_into``, ``DOT = "tf32x3"``; ``"ieee"``: FMA on the CUDA cores);
    padding elements add exactly 0) and ``S^x_ij = acc_ij ι_i ι_j``; tokens:
    ``acc^t_ij = <t_i, t_j>`` (bf16/fp16 on the tensor cores, products exact in
    the fp32 accumulator) with ``ι^t`` from ``_token_norms``; then
@@ -45,7 +48,9 @@ runs six steps, one ``@triton.jit`` helper each:
    ``K_ij = 2^(z_ij - c_i)``; from ``B = 1``,
    ``A_i = (1/k) / Σ_j K_ij B_j``, ``B_j = (1/L) / Σ_i K_ij A_i`` (so that
    ``A_i = 2^(f_i/ln2 + c_i)``, ``B_j = 2^(g_j/ln2)``) and
-   ``r_j = L B_j Σ_i K_ij A_i S_ij``: two mat-vecs a step. The algebra is
+   ``r_j = L B_j Σ_i K_ij A_i S_ij``: two mat-vecs a step, over two copies
+   of ``K`` (the second transposed through scratch) so that neither reduces
+   across warps, and ``1/x`` as ``rsqrt(x)²``. The algebra is
    exact; fp32 holds it when ``S`` is finite, every ``K_ij ≥ e^-80`` and every
    sum stays in ``[1e-30, 1e30]`` (``_scale`` turns a sum outside into NaN,
    which reaches ``r``). Otherwise ``_sinkhorn_log`` runs the steps
@@ -53,7 +58,8 @@ runs six steps, one ``@triton.jit`` helper each:
    ``g_j = log2(1/L) - LSE2_i(z_ij + f_i)``,
    ``r_j = L Σ_i 2^(z_ij + f_i + g_j) S_ij``. When ``S`` does not fit one
    register tile, ``_sinkhorn_stream`` and ``_sinkhorn_stream_log`` do the same
-   streaming it from scratch. Without OT ``r_j = max_i S_ij``; ``k = 0`` gives
+   streaming ``K``, made once and kept transposed in scratch. Without OT
+   ``r_j = max_i S_ij``; ``k = 0`` gives
    ``r = -inf``.
 6. ``_select``: tier 0 for the first ``k`` in ``order``, 1 where ``r > θ``, 2
    otherwise; walking ``order``, a patch's drop position is its place ``r``
@@ -76,7 +82,11 @@ another layout, and ``S`` when it spans blocks, go through the per-program
 scratch in global memory (L1/L2 resident), ordered by ``tl.debug_barrier``
 (a CTA barrier, which also orders global memory within the CTA). Loop bounds
 are compile-time constants (one compile per shape), so the interpreter runs
-the same loops. ``bench/kernel_report.py`` says what it costs on sm_90 and
+the same loops; so are the image's and the tokens' strides (a contiguous
+input's follow from its shape), which lets every load of pass 1 take its
+offset as an immediate. Launch settings (warps, stages, register cap, the
+pixel product's precision) come from ``triton_tuning``: a table a GPU's
+sweep wrote, else the offline best. ``bench/kernel_report.py`` says what it costs on sm_90 and
 sm_80.
 """
 
@@ -87,6 +97,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from . import triton_tuning
 
 __all__ = ["pgs_select_triton", "MAX_PATCHES"]
 
@@ -275,17 +287,44 @@ def _order(key, ws_order, cand_b, k, BLOCK_L: tl.constexpr):
 
 
 @triton.jit
+def _split_tf32(x):
+    """``x = hi + lo`` exactly: ``hi`` keeps the sign, the exponent and the top
+    10 stored mantissa bits (a tf32 value), ``lo = x - hi`` the rest."""
+    hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    return hi, x - hi
+
+
+@triton.jit
+def _dot_into(bt, a, acc, DOT: tl.constexpr):
+    """``acc += bt @ a`` in fp32: on CUDA cores (``ieee``), or on the tensor
+    cores as ``hi·hi + hi·lo + lo·hi`` of the operands' tf32 splits
+    (``tf32x3``; the dropped ``lo·lo`` and the tensor cores reading ``lo`` as
+    tf32 leave an error of about ``2^-21 |bt| |a|`` a product, docs/algorithm.md)."""
+    if DOT == "tf32x3":
+        bh, bl = _split_tf32(bt)
+        ah, al = _split_tf32(a)
+        acc = tl.dot(bl, ah, acc, input_precision="tf32")
+        acc = tl.dot(bh, al, acc, input_precision="tf32")
+        acc = tl.dot(bh, ah, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(bt, a, acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
 def _pixel_dot(img_b, s_c, s_h, s_w, ci, cen_i, j, cen_j,
                C: tl.constexpr, P: tl.constexpr, GW: tl.constexpr, E: tl.constexpr,
-               BK: tl.constexpr, BJ: tl.constexpr):
+               BK: tl.constexpr, BJ: tl.constexpr, DOT: tl.constexpr):
     """``acc_ij = Σ_e (x_ie - c_i)(x_je - c_j)``. ``ci``, ``j``: valid patch
     indices (padding rows and columns repeat a real patch; the caller discards
     them). A power-of-two ``P`` is walked in flat chunks of ``E`` elements; any
     other ``P`` row by row, each row in chunks of ``E`` columns (no integer
-    division per element)."""
+    division per element). The product runs patches-major (``BJ x BK``, the
+    patches as the MMA's M side, which on sm_90 is a warpgroup MMA reading
+    its operands from shared memory) and is transposed once at the end."""
     c_off = ((ci // GW) * P) * s_h + ((ci % GW) * P) * s_w
     p_off = ((j // GW) * P) * s_h + ((j % GW) * P) * s_w
-    acc = tl.zeros((BK, BJ), tl.float32)
+    acc = tl.zeros((BJ, BK), tl.float32)
     el = tl.arange(0, E)
     FLAT: tl.constexpr = (P & (P - 1)) == 0 and (P * P) % E == 0
     ROW: tl.constexpr = (P + E - 1) // E * E  # a row padded to whole chunks
@@ -296,9 +335,9 @@ def _pixel_dot(img_b, s_c, s_h, s_w, ci, cen_i, j, cen_j,
             for e0 in tl.range(0, P * P, E, num_stages=1):
                 e = e0 + el
                 e_off = c * s_c + (e // P) * s_h + (e % P) * s_w
-                a = tl.load(img_b + c_off[:, None] + e_off[None, :]) - cen_i[:, None]
-                bt = tl.load(img_b + e_off[:, None] + p_off[None, :]) - cen_j[None, :]
-                acc = tl.dot(a, bt, acc, input_precision="ieee")
+                a = tl.load(img_b + c_off[None, :] + e_off[:, None]) - cen_i[None, :]
+                bt = tl.load(img_b + p_off[:, None] + e_off[None, :]) - cen_j[:, None]
+                acc = _dot_into(bt, a, acc, DOT)
     else:
         # One loop over (channel, row chunk): ptxas would unroll a loop over the
         # few rows of one channel (14 for P = 14) into a register hog.
@@ -311,11 +350,11 @@ def _pixel_dot(img_b, s_c, s_h, s_w, ci, cen_i, j, cen_j,
             eok = ex < P
             # Columns past P: 0 on the candidates' side, so whatever the
             # patches' side holds there adds exactly 0.
-            a = tl.where(eok[None, :], tl.load(img_b + c_off[:, None] + e_off[None, :], mask=eok[None, :],
-                                               other=0.0) - cen_i[:, None], 0.0)
-            bt = tl.load(img_b + e_off[:, None] + p_off[None, :], mask=eok[:, None], other=0.0) - cen_j[None, :]
-            acc = tl.dot(a, bt, acc, input_precision="ieee")
-    return acc
+            a = tl.where(eok[:, None], tl.load(img_b + c_off[None, :] + e_off[:, None], mask=eok[:, None],
+                                               other=0.0) - cen_i[None, :], 0.0)
+            bt = tl.load(img_b + p_off[:, None] + e_off[None, :], mask=eok[None, :], other=0.0) - cen_j[:, None]
+            acc = _dot_into(bt, a, acc, DOT)
+    return tl.trans(acc)
 
 
 @triton.jit
@@ -380,7 +419,8 @@ def _cosine(acc, inv_i, inv_j):
 def _similarity_block(img_b, s_c, s_h, s_w, tok_b, s_tl, s_td, ws_cen, ws_inv, ws_tinv, pix_tile, ci, vi, j, vj,
                       token_weight, PIXELS: tl.constexpr, TOKENS: tl.constexpr, BOTH: tl.constexpr,
                       C: tl.constexpr, P: tl.constexpr, GW: tl.constexpr, E: tl.constexpr, D: tl.constexpr,
-                      DB: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr, TOK_LOWP: tl.constexpr):
+                      DB: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr, TOK_LOWP: tl.constexpr,
+                      DOT: tl.constexpr):
     """Step 4 for one block of patches, a ``BK x BJ`` tile: the pixel term
     ``(1-α) <p̂_i, p̂_j>`` (``PIXELS``) and/or the token term ``α <t̂_i, t̂_j>``
     (``TOKENS``), the weights applied when ``BOTH`` terms are on. With both,
@@ -391,7 +431,7 @@ def _similarity_block(img_b, s_c, s_h, s_w, tok_b, s_tl, s_td, ws_cen, ws_inv, w
     jc = tl.where(vj, j, 0)
     if PIXELS:
         acc = _pixel_dot(img_b, s_c, s_h, s_w, ci, tl.load(ws_cen + ci), jc, tl.load(ws_cen + jc),
-                         C, P, GW, E, BK, BJ)
+                         C, P, GW, E, BK, BJ, DOT)
         s = _cosine(acc, tl.load(ws_inv + ci), tl.load(ws_inv + jc))
         if BOTH:
             s = (1.0 - token_weight) * s
@@ -436,27 +476,40 @@ def _kernel_tile(S, valid, z_scale, c):
 def _scale(num, den):
     """``num / den`` when ``den`` lies in ``[1e-30, 1e30]``, else NaN: a number
     fp32 would not hold poisons everything after it, and the caller sees NaN."""
-    return tl.where((den >= 1e-30) & (den <= 1e30), tl.fdiv(num, den, ieee_rounding=False), float("nan"))
+    # 1/den as rsqrt(den)²: two instructions (MUFU.RSQ, FMUL), a few ulp,
+    # where a division expands to a dozen; den is a normal number here.
+    r = tl.math.rsqrt(den)
+    return tl.where((den >= 1e-30) & (den <= 1e30), num * (r * r), float("nan"))
 
 
 @triton.jit
-def _sinkhorn_scaling(S, vi, vj, inv_k, inv_l, z_scale, ws_s,
+def _sinkhorn_scaling(S, vi, vj, inv_k, inv_l, z_scale, ws_s, ws_kt,
                       L: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, LP: tl.constexpr):
     """Step 5, scaling form on a register tile of ``S``: ``r`` and the count
     of numbers fp32 did not hold (nonzero: the caller takes the log domain).
-    ``S`` waits in ``ws_s`` (``BK x LP``) meanwhile, and stays there."""
+    ``S`` waits in ``ws_s`` (``BK x LP``) meanwhile, and stays there.
+
+    ``K`` is held twice, as ``BK x LP`` and, read back from ``ws_kt`` with the
+    candidates contiguous, as ``LP x BK``: each mat-vec then reduces along the
+    axis its copy holds within a thread (or a few lanes), never across
+    warps, so a step costs two short reductions and two vector exchanges."""
+    rows = tl.arange(0, BK)
+    cols = tl.arange(0, LP)
     valid = vi[:, None] & vj[None, :]
     c = tl.max(tl.where(valid, S * z_scale, -float("inf")), axis=1)
     c = tl.where(vi, c, 0.0)
     Kt, bad = _kernel_tile(S, valid, z_scale, c)
-    park = ws_s + tl.arange(0, BK)[:, None] * LP + tl.arange(0, LP)[None, :]
+    park = ws_s + rows[:, None] * LP + cols[None, :]
     tl.store(park, S)
+    tl.store(ws_kt + cols[None, :] * BK + rows[:, None], Kt)
+    tl.debug_barrier()
+    KT = tl.load(ws_kt + cols[:, None] * BK + rows[None, :])
+    vjt = cols < L
     B = tl.where(vj, 1.0, 0.0)
     A = c
     for _t in range(T):
         A = tl.where(vi, _scale(inv_k, tl.sum(Kt * B[None, :], axis=1)), 0.0)
-        B = tl.where(vj, _scale(inv_l, tl.sum(Kt * A[:, None], axis=0)), 0.0)
-    tl.debug_barrier()
+        B = tl.where(vjt, _scale(inv_l, tl.sum(KT * A[None, :], axis=1)), 0.0)
     red = (L * B) * tl.sum((Kt * A[:, None]) * tl.load(park), axis=0)
     return red, bad + tl.sum((vj & (red - red != 0.0)).to(tl.int32), axis=0)
 
@@ -486,11 +539,21 @@ def _s_tile(ws_s, nj, k, L: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr, LP
 
 
 @triton.jit
-def _sinkhorn_stream(ws_s, ws_b, red_b, k, inv_k, inv_l, z_scale,
+def _kt_tile(ws_kt, nj, BK: tl.constexpr, BJ: tl.constexpr):
+    """A ``BJ x BK`` tile of ``K`` transposed (candidates contiguous) and its patches."""
+    j = nj * BJ + tl.arange(0, BJ)
+    return tl.load(ws_kt + j[:, None] * BK + tl.arange(0, BK)[None, :]), j
+
+
+@triton.jit
+def _sinkhorn_stream(ws_s, ws_kt, ws_b, red_b, k, inv_k, inv_l, z_scale,
                      L: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr, NJ: tl.constexpr):
-    """Step 5, scaling form with ``S`` in scratch (``BK x NJ·BJ``), streamed in
-    ``BK x BJ`` tiles; ``B`` lives in scratch. Writes ``r``; returns the count
-    of numbers fp32 did not hold."""
+    """Step 5, scaling form with ``S`` in scratch (``BK x NJ·BJ``). ``K`` is
+    made once and kept transposed in ``ws_kt`` (``LP x BK``), streamed in
+    ``BJ x BK`` tiles: the row sums ``Σ_j K_ij B_j`` accumulate tile on tile in
+    registers and reduce across the block once a step, the column sums reduce
+    over the few lanes that hold a patch's candidates. ``B`` lives in scratch.
+    Writes ``r``; returns the count of numbers fp32 did not hold."""
     LP: tl.constexpr = NJ * BJ
     rows = tl.arange(0, BK)
     vi = rows < k
@@ -498,34 +561,33 @@ def _sinkhorn_stream(ws_s, ws_b, red_b, k, inv_k, inv_l, z_scale,
     for nj in range(NJ):
         S, vi, vj, j = _s_tile(ws_s, nj, k, L, BK, BJ, LP)
         c = tl.maximum(c, tl.max(tl.where(vi[:, None] & vj[None, :], S * z_scale, -float("inf")), axis=1))
-        tl.store(ws_b + j, tl.where(vj, 1.0, 0.0))
     c = tl.where(vi, c, 0.0)
     bad = tl.zeros((), tl.int32)
     for nj in range(NJ):
         S, vi, vj, j = _s_tile(ws_s, nj, k, L, BK, BJ, LP)
-        _K, bad_t = _kernel_tile(S, vi[:, None] & vj[None, :], z_scale, c)
+        Kt, bad_t = _kernel_tile(S, vi[:, None] & vj[None, :], z_scale, c)
         bad += bad_t
+        tl.store(ws_kt + j[None, :] * BK + rows[:, None], Kt)
+        tl.store(ws_b + j, tl.where(vj, 1.0, 0.0))
     A = c
     for _t in range(T):
         tl.debug_barrier()
-        rs = tl.zeros((BK,), tl.float32)
+        acc = tl.zeros((BJ, BK), tl.float32)
         for nj in range(NJ):
-            S, vi, vj, j = _s_tile(ws_s, nj, k, L, BK, BJ, LP)
-            Kt, _b = _kernel_tile(S, vi[:, None] & vj[None, :], z_scale, c)
-            rs += tl.sum(Kt * tl.load(ws_b + j)[None, :], axis=1)
-        A = tl.where(vi, _scale(inv_k, rs), 0.0)
+            KT, j = _kt_tile(ws_kt, nj, BK, BJ)
+            acc += KT * tl.load(ws_b + j)[:, None]
+        A = tl.where(vi, _scale(inv_k, tl.sum(acc, axis=0)), 0.0)
         tl.debug_barrier()
         for nj in range(NJ):
-            S, vi, vj, j = _s_tile(ws_s, nj, k, L, BK, BJ, LP)
-            Kt, _b = _kernel_tile(S, vi[:, None] & vj[None, :], z_scale, c)
-            tl.store(ws_b + j, tl.where(vj, _scale(inv_l, tl.sum(Kt * A[:, None], axis=0)), 0.0))
+            KT, j = _kt_tile(ws_kt, nj, BK, BJ)
+            tl.store(ws_b + j, tl.where(j < L, _scale(inv_l, tl.sum(KT * A[None, :], axis=1)), 0.0))
     tl.debug_barrier()
     for nj in range(NJ):
-        S, vi, vj, j = _s_tile(ws_s, nj, k, L, BK, BJ, LP)
-        Kt, _b = _kernel_tile(S, vi[:, None] & vj[None, :], z_scale, c)
-        red = (L * tl.load(ws_b + j)) * tl.sum((Kt * A[:, None]) * S, axis=0)
-        tl.store(red_b + j, red, mask=vj)
-        bad += tl.sum((vj & (red - red != 0.0)).to(tl.int32), axis=0)
+        KT, j = _kt_tile(ws_kt, nj, BK, BJ)
+        St = tl.load(ws_s + rows[None, :] * LP + j[:, None])
+        red = (L * tl.load(ws_b + j)) * tl.sum((KT * A[None, :]) * St, axis=1)
+        tl.store(red_b + j, red, mask=j < L)
+        bad += tl.sum(((j < L) & (red - red != 0.0)).to(tl.int32), axis=0)
     return bad
 
 
@@ -604,8 +666,8 @@ def _select(ws_order, red_b, mask_b, keep_b, k, M, sim_threshold, L: tl.constexp
 
 @triton.jit
 def _pgs_kernel(
-    img_ptr, s_ib, s_ic, s_ih, s_iw,
-    tok_ptr, s_tb, s_tl, s_td,
+    img_ptr, s_ib, s_ic: tl.constexpr, s_ih: tl.constexpr, s_iw: tl.constexpr,
+    tok_ptr, s_tb, s_tl: tl.constexpr, s_td: tl.constexpr,
     noise_ptr, s_nb, s_nl,
     keep_ptr, mask_ptr, edge_ptr, cand_ptr, red_ptr,
     fws_ptr, iws_ptr,
@@ -616,7 +678,7 @@ def _pgs_kernel(
     BK: tl.constexpr, BJ: tl.constexpr, NJ: tl.constexpr, S_REG: tl.constexpr, E: tl.constexpr, DB: tl.constexpr,
     USE_PIX: tl.constexpr, USE_TOK: tl.constexpr, TOK_LOWP: tl.constexpr,
     USE_EDGE: tl.constexpr, USE_OT: tl.constexpr, HAS_CAND: tl.constexpr,
-    FIRST: tl.constexpr, LAST: tl.constexpr, FWS: tl.constexpr,
+    FIRST: tl.constexpr, LAST: tl.constexpr, FWS: tl.constexpr, DOT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -670,7 +732,7 @@ def _pgs_kernel(
                         j = nj * BJ + tl.arange(0, BJ)
                         S = _similarity_block(img_b, s_ic, s_ih, s_iw, tok_b, s_tl, s_td, ws_cen, ws_inv, ws_tinv,
                                               ws_s, ci, vi, j, j < L, token_weight, True, False, True,
-                                              C, P, GW, E, D, DB, BK, BJ, TOK_LOWP)
+                                              C, P, GW, E, D, DB, BK, BJ, TOK_LOWP, DOT)
                         tl.store(ws_s + rows[:, None] * LP + j[None, :], S)
                 if LAST:
                     if USE_TOK:
@@ -685,7 +747,7 @@ def _pgs_kernel(
                         S = _similarity_block(img_b, s_ic, s_ih, s_iw, tok_b, s_tl, s_td, ws_cen, ws_inv, ws_tinv,
                                               tile, ci, vi, j, j < L, token_weight,
                                               USE_PIX and FIRST, USE_TOK, USE_PIX and USE_TOK,
-                                              C, P, GW, E, D, DB, BK, BJ, TOK_LOWP)
+                                              C, P, GW, E, D, DB, BK, BJ, TOK_LOWP, DOT)
                         if not USE_OT:
                             tl.store(red_b + j, _max_redundancy(S, vi, j < L), mask=j < L)
                         elif NJ > 1 or not S_REG:
@@ -698,17 +760,18 @@ def _pgs_kernel(
                             if NJ > 1:
                                 tl.debug_barrier()
                                 S = tl.load(ws_s + rows[:, None] * LP + lp[None, :])
-                            red, bad = _sinkhorn_scaling(S, vi, vj, inv_k, inv_l, z_scale, ws_s, L, T, BK, LP)
+                            red, bad = _sinkhorn_scaling(S, vi, vj, inv_k, inv_l, z_scale, ws_s, ws_v, L, T, BK, LP)
                             if bad > 0:
                                 S = tl.load(ws_s + rows[:, None] * LP + lp[None, :])
                                 red = _sinkhorn_log(S, vi, vj, z_scale, log2_a, log2_b, L, T)
                             tl.store(red_b + lp, red, mask=vj)
                         else:
                             tl.debug_barrier()
-                            bad = _sinkhorn_stream(ws_s, ws_v, red_b, k, inv_k, inv_l, z_scale, L, T, BK, BJ, NJ)
+                            bad = _sinkhorn_stream(ws_s, ws_v, ws_v + BK * LP, red_b, k, inv_k, inv_l, z_scale,
+                                                   L, T, BK, BJ, NJ)
                             if bad > 0:
-                                _sinkhorn_stream_log(ws_s, ws_v, red_b, k, z_scale, log2_a, log2_b, L, T, BK, BJ,
-                                                     NJ)
+                                _sinkhorn_stream_log(ws_s, ws_v + BK * LP, red_b, k, z_scale, log2_a, log2_b, L, T,
+                                                     BK, BJ, NJ)
             elif LAST:
                 tl.store(red_b + lanes, tl.full((BLOCK_L,), -float("inf"), tl.float32), mask=lane_ok)
             if LAST:
@@ -719,6 +782,12 @@ def _pgs_kernel(
             tl.debug_barrier()
 
 
+def _arch(device) -> str:
+    """``sm_XY`` of a CUDA device (torch caches the properties: no sync)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -726,15 +795,17 @@ def _pow2(n: int) -> int:
 def _scratch_floats(GH: int, W: int, BLOCK_L: int, BK: int, LP: int, s_reg: bool) -> int:
     """fp32 scratch per program, in the order the kernel lays it out: column
     sums col_g, col_t, col_q, col_s (GH x W each); e, c, ι, ι^t (BLOCK_L
-    each); S (BK x LP); B or g (LP, only when Sinkhorn streams S). The int32
+    each); S (BK x LP); K transposed (BK x LP); B or g (LP, only when
+    Sinkhorn streams S). The int32
     scratch is the selection order (BLOCK_L)."""
-    return 4 * GH * W + 4 * BLOCK_L + BK * LP + (0 if s_reg else LP)
+    return 4 * GH * W + 4 * BLOCK_L + 2 * BK * LP + (0 if s_reg else LP)
 
 
-def _launch_config(B, C, H, W, P, D, k, alpha, tok_lowp, edge_weight, use_ot, ot_iters):
+def _launch_config(B, C, H, W, P, D, k, alpha, tok_lowp, edge_weight, use_ot, ot_iters, tuning=None):
     """Grid size and the kernel's compile-time arguments for one call (also
     what ``bench.kernel_report`` compiles); ``FWS`` among them is the fp32
-    scratch per program."""
+    scratch per program. ``tuning``: the launch settings
+    (``pgs_kernels.triton_tuning``; default ``triton_tuning.DEFAULT``)."""
     GH, GW = H // P, W // P
     L = GH * GW
     BLOCK_L = max(16, _pow2(L))
@@ -745,7 +816,7 @@ def _launch_config(B, C, H, W, P, D, k, alpha, tok_lowp, edge_weight, use_ot, ot
     # Similarity tiles of BK x BJ: _SIM_TILE elements (16 a thread), half that
     # when P is not a power of two (scalar loads, an address each).
     pow2_p = P & (P - 1) == 0
-    BJ = max(16, min(BLOCK_L, (_SIM_TILE if pow2_p else _SIM_TILE // 2) // BK))
+    BJ = max(16, min(BLOCK_L, _SIM_TILE // BK))
     NJ = triton.cdiv(L, BJ)
     LP = NJ * BJ
     s_reg = BK * LP <= _S_TILE
@@ -755,11 +826,13 @@ def _launch_config(B, C, H, W, P, D, k, alpha, tok_lowp, edge_weight, use_ot, ot
     meta = dict(
         ITERS=triton.cdiv(B, nprog), C=C, P=P, GH=GH, GW=GW, D=D, T=int(ot_iters),
         NSEG=nseg, NSTRIP=triton.cdiv(W, nseg * _SEG.value), BLOCK_L=BLOCK_L,
-        BK=BK, BJ=BJ, NJ=NJ, S_REG=s_reg, E=16, DB=16,
+        BK=BK, BJ=BJ, NJ=NJ, S_REG=s_reg, E=32 if pow2_p and BK <= 32 else 16, DB=16,
         USE_PIX=alpha < 1, USE_TOK=alpha > 0, TOK_LOWP=bool(tok_lowp),
         USE_EDGE=float(edge_weight) != 0.0, USE_OT=bool(use_ot), HAS_CAND=has_cand, FWS=fws_cols,
-        num_warps=8, num_stages=2, maxnreg=128,
     )
+    # Over DEFAULT, so that a partial setting still names every constexpr.
+    meta.update(triton_tuning.DEFAULT)
+    meta.update(tuning or {})
     return nprog, meta
 
 
@@ -772,12 +845,13 @@ def _inv_reg(ot_reg) -> float:
 
 
 def _launch_plan(images, tokens, noise, patch_size, num_keep, num_candidates, sim_threshold,
-                 token_weight, edge_weight, use_ot, ot_reg, ot_iters, compiled):
+                 token_weight, edge_weight, use_ot, ot_reg, ot_iters, compiled, tuning=None):
     """The outputs (allocated, not yet written) and the launches that fill
     them, each ``(kernel, grid, args, meta)``, for one call. ``compiled``: the
     kernel is compiled for a GPU (not interpreted), which decides how low
-    precision tokens are multiplied. ``bench.kernel_report`` compiles exactly
-    these launches."""
+    precision tokens are multiplied. ``tuning``: launch settings
+    (``triton_tuning``), by default the table's entry for this device and
+    shape. ``bench.kernel_report`` compiles exactly these launches."""
     B, C, H, W = images.shape
     P = int(patch_size)
     L = (H // P) * (W // P)
@@ -812,7 +886,9 @@ def _launch_plan(images, tokens, noise, patch_size, num_keep, num_candidates, si
     else:
         D, st, tok_lowp = 1, (0, 0, 0), False
 
-    nprog, meta = _launch_config(B, C, H, W, P, D, k, alpha, tok_lowp, edge_weight, use_ot, ot_iters)
+    if tuning is None and images.is_cuda:
+        tuning = triton_tuning.lookup(_arch(images.device), (H // P, W // P), D if use_tok else 0)
+    nprog, meta = _launch_config(B, C, H, W, P, D, k, alpha, tok_lowp, edge_weight, use_ot, ot_iters, tuning)
     BLOCK_L = meta["BLOCK_L"]
     fws = torch.empty((nprog, meta["FWS"]), dtype=torch.float32, device=dev)
     iws = torch.empty((nprog, BLOCK_L), dtype=torch.int32, device=dev)

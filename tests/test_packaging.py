@@ -105,6 +105,8 @@ def test_sdist_holds_every_file_the_build_reads(tmp_path, no_native):
     modules = [os.path.relpath(p, ROOT) for pkg in ("pgs_kernels", "python_ref")
                for p in glob.glob(os.path.join(ROOT, pkg, "*.py"))]
     assert set(modules) <= files
+    # The Triton launch settings table, which the launcher reads at run time.
+    assert "pgs_kernels/triton_tuning.json" in files
 
 
 def test_sdist_leaves_the_tests_out(tmp_path):
@@ -213,6 +215,8 @@ def test_skipped_on_purpose_or_without_torch_records_why(tmp_path, case):
     assert res.returncode == 0, out[-3000:]
     assert f"not building the native CPU kernel: {expected}" in out
     assert not [f for f in built_files(src) if "_C" in f]
+    # The build (a wheel's contents) carries the Triton launch settings table.
+    assert any(f.endswith(os.path.join("pgs_kernels", "triton_tuning.json")) for f in built_files(src))
     info = build_info(src)
     assert info["native"] == "skipped" and expected in info["reason"]
 
