@@ -6,14 +6,16 @@ runs six steps, one ``@triton.jit`` helper each:
 
 1. ``_edge_pass`` reads the image once, top to bottom, a pixel column per
    lane (a warp covers ``_SEG = 30`` columns plus a halo column each side;
-   wide images go in strips of 8 warps). Per row: ``Ysum = Σ_c x_c``,
-   ``Y = Ysum / C``, ``Y(x±1)`` from the neighbouring lanes (``tl.gather``
-   within the warp; at the image border a column is its own neighbour),
-   ``hs = Y(x-1) + 2Y(x) + Y(x+1)``, ``hd = Y(x+1) - Y(x-1)``. With the rows
-   above and below in registers, ``Gx = hd(y-1) + 2hd(y) + hd(y+1)``,
-   ``Gy = hs(y+1) - hs(y-1)``, ``G = sqrt(Gx² + Gy²)`` (rows past the top and
-   bottom replicate them). Per band of ``P`` rows each lane sums over its
-   column ``col_g = Σ G`` and, with ``s`` its channel-0 pixel in the band's
+   wide images go in strips of 8 warps). Per row: ``Ysum = Σ_c x_c``
+   (``Y = Ysum / C``; the Sobel filter is linear, so it runs on ``Ysum`` and
+   the ``1/C`` comes once a band), ``Ysum(x±1)`` from the neighbouring lanes
+   (``tl.gather`` within the warp; at the image border a column is its own
+   neighbour), ``hs = Ysum(x-1) + 2Ysum(x) + Ysum(x+1)``,
+   ``hd = Ysum(x+1) - Ysum(x-1)``. With the rows above and below in
+   registers, ``Gx = hd(y-1) + 2hd(y) + hd(y+1)``, ``Gy = hs(y+1) - hs(y-1)``,
+   ``C·G = sqrt(Gx² + Gy²)`` (rows past the top and bottom replicate them).
+   Per band of ``P`` rows each lane sums over its column
+   ``col_g = (Σ C·G) / C`` and, with ``s`` its channel-0 pixel in the band's
    first row, ``col_t = Σ (Ysum - s⊕C)`` (``s⊕C``: ``s`` added ``C`` times in
    the channel order, so a constant column gives exactly 0) and
    ``col_q = Σ_c (x_c - s)²``: one store of each per band.
@@ -137,10 +139,10 @@ def _load_row(img_b, s_c, s_h, s_w, y, x, xok, il, ir, inv_c, shift, C: tl.const
         ysum += v
         d = v - shift
         q += d * d
-    yv = ysum * inv_c
-    yl = tl.gather(yv, il, axis=1)
-    yr = tl.gather(yv, ir, axis=1)
-    return yl + 2.0 * yv + yr, yr - yl, ysum, q, shift
+    # Sobel on the channel sum: G of Y = ΣG(Ysum)/C, the 1/C applied once a band.
+    yl = tl.gather(ysum, il, axis=1)
+    yr = tl.gather(ysum, ir, axis=1)
+    return yl + 2.0 * ysum + yr, yr - yl, ysum, q, shift
 
 
 @triton.jit
@@ -191,7 +193,7 @@ def _edge_pass(img_b, s_c, s_h, s_w, col_g, col_t, col_q, col_s,
             t_sum = ysum - shift_sum
             g = _sobel(hs_up, hd_up, hd_mid, hs_dn, hd_dn)
             if band > 0:
-                tl.store(col_g + (band - 1) * W + x, g_sum + g, mask=own)
+                tl.store(col_g + (band - 1) * W + x, (g_sum + g) * inv_c, mask=own)
             g_sum = zero
             hs_up, hd_up, hs_mid, hd_mid = hs_mid, hd_mid, hs_dn, hd_dn
             for r in tl.static_range(1, P):
@@ -206,7 +208,7 @@ def _edge_pass(img_b, s_c, s_h, s_w, col_g, col_t, col_q, col_s,
             tl.store(col_s + band * W + x, shift, mask=own)
         # The last row: the row below replicates it.
         g = _sobel(hs_up, hd_up, hd_mid, hs_mid, hd_mid)
-        tl.store(col_g + (GH - 1) * W + x, g_sum + g, mask=own)
+        tl.store(col_g + (GH - 1) * W + x, (g_sum + g) * inv_c, mask=own)
 
 
 @triton.jit
@@ -675,7 +677,8 @@ def _pgs_kernel(
     sim_threshold, token_weight, edge_weight, z_scale, log2_a, log2_b, inv_k, inv_l,
     ITERS: tl.constexpr, C: tl.constexpr, P: tl.constexpr, GH: tl.constexpr, GW: tl.constexpr,
     D: tl.constexpr, T: tl.constexpr, NSEG: tl.constexpr, NSTRIP: tl.constexpr, BLOCK_L: tl.constexpr,
-    BK: tl.constexpr, BJ: tl.constexpr, NJ: tl.constexpr, S_REG: tl.constexpr, E: tl.constexpr, DB: tl.constexpr,
+    BK: tl.constexpr, BJ: tl.constexpr, NJ: tl.constexpr, S_REG: tl.constexpr, S_TILE: tl.constexpr,
+    E: tl.constexpr, DB: tl.constexpr,
     USE_PIX: tl.constexpr, USE_TOK: tl.constexpr, TOK_LOWP: tl.constexpr,
     USE_EDGE: tl.constexpr, USE_OT: tl.constexpr, HAS_CAND: tl.constexpr,
     FIRST: tl.constexpr, LAST: tl.constexpr, FWS: tl.constexpr, DOT: tl.constexpr,
@@ -767,11 +770,14 @@ def _pgs_kernel(
                             tl.store(red_b + lp, red, mask=vj)
                         else:
                             tl.debug_barrier()
+                            # Streamed in tiles of at most _S_TILE elements, whatever the similarity's.
+                            BJS: tl.constexpr = BJ if BK * BJ <= S_TILE else max(16, S_TILE // BK)
+                            NJS: tl.constexpr = LP // BJS
                             bad = _sinkhorn_stream(ws_s, ws_v, ws_v + BK * LP, red_b, k, inv_k, inv_l, z_scale,
-                                                   L, T, BK, BJ, NJ)
+                                                   L, T, BK, BJS, NJS)
                             if bad > 0:
                                 _sinkhorn_stream_log(ws_s, ws_v + BK * LP, red_b, k, z_scale, log2_a, log2_b, L, T,
-                                                     BK, BJ, NJ)
+                                                     BK, BJS, NJS)
             elif LAST:
                 tl.store(red_b + lanes, tl.full((BLOCK_L,), -float("inf"), tl.float32), mask=lane_ok)
             if LAST:
@@ -816,7 +822,13 @@ def _launch_config(B, C, H, W, P, D, k, alpha, tok_lowp, edge_weight, use_ot, ot
     # Similarity tiles of BK x BJ: _SIM_TILE elements (16 a thread), half that
     # when P is not a power of two (scalar loads, an address each).
     pow2_p = P & (P - 1) == 0
-    BJ = max(16, min(BLOCK_L, _SIM_TILE // BK))
+    BJ = max(16, min(BLOCK_L, (2 * _SIM_TILE if BK >= 64 else _SIM_TILE) // BK))
+    # Pixel chunks of E elements: wider ones amortize each chunk's MMA setup,
+    # where the tiles leave the registers for them.
+    E = 32 if pow2_p and BK <= 32 else 16
+    # Token chunks of DB: wide for bf16/fp16 on the tensor cores while the tiles
+    # fit; fp32 tokens (FMA) and the large tiles keep them narrow.
+    DB = (64 if BK <= 32 else 32) if tok_lowp else 16
     NJ = triton.cdiv(L, BJ)
     LP = NJ * BJ
     s_reg = BK * LP <= _S_TILE
@@ -826,7 +838,7 @@ def _launch_config(B, C, H, W, P, D, k, alpha, tok_lowp, edge_weight, use_ot, ot
     meta = dict(
         ITERS=triton.cdiv(B, nprog), C=C, P=P, GH=GH, GW=GW, D=D, T=int(ot_iters),
         NSEG=nseg, NSTRIP=triton.cdiv(W, nseg * _SEG.value), BLOCK_L=BLOCK_L,
-        BK=BK, BJ=BJ, NJ=NJ, S_REG=s_reg, E=32 if pow2_p and BK <= 32 else 16, DB=16,
+        BK=BK, BJ=BJ, NJ=NJ, S_REG=s_reg, S_TILE=_S_TILE, E=E, DB=DB,
         USE_PIX=alpha < 1, USE_TOK=alpha > 0, TOK_LOWP=bool(tok_lowp),
         USE_EDGE=float(edge_weight) != 0.0, USE_OT=bool(use_ot), HAS_CAND=has_cand, FWS=fws_cols,
     )
