@@ -21,14 +21,26 @@ Kernels kernels_for(int width) {
 }
 
 void process_image(const Kernels& kn, const Params& prm, const ImageIn& in, const ImageOut& out,
-                   const Workspace& ws) {
+                   const Workspace& ws_in) {
   const Geometry& g = prm.g;
   const int64_t L = g.L, k = prm.k, K = prm.K;
   const int64_t Lp = (L + kn.width - 1) / kn.width * kn.width;
+  // Step timing (benchmarks only): t marks the end of the last step.
+  const bool timed = step_timing();
+  int64_t ns[kSteps] = {}, t = timed ? now_ns() : 0;
+  Workspace ws = ws_in;
+  ws.step_ns = timed ? ns : nullptr;
+  auto lap = [&](Step s) {
+    if (!timed) return;
+    const int64_t now = now_ns();
+    ns[s] += now - t;
+    t = now;
+  };
 
   // Step 1: edge energy, e_j = (Sobel sum over patch j) / P^2.
   const bool patch_direct = prm.want_pixels && k > 0 && g.P % kn.width == 0;
   kn.edge_pass(g, in, ws, patch_direct);
+  lap(kEdge);
   const double inv_count = 1.0 / static_cast<double>(g.P * g.P);
   const double* sobel_sum = ws.sobel_sum;
   double lo = std::numeric_limits<double>::infinity(), hi = -lo;
@@ -53,12 +65,14 @@ void process_image(const Kernels& kn, const Params& prm, const ImageIn& in, cons
     if (prm.edge_weight != 0.0) key_j += prm.edge_weight * edge;
     key[j] = std::isnan(key_j) ? std::numeric_limits<double>::infinity() : key_j;
   }
+  lap(kStats);
   int64_t* order = ws.order;
   std::iota(order, order + L, int64_t{0});
   auto by_key = [key](int64_t a, int64_t c) { return key[a] < key[c] || (key[a] == key[c] && a < c); };
   std::partial_sort(order, order + k, order + L, by_key);
   std::copy(order, order + k, out.cand);
   const int64_t* cand = out.cand;
+  lap(kOrder);
 
   // Steps 3 and 4: similarity to the candidates, redundancy.
   float* r = out.red;
@@ -66,8 +80,10 @@ void process_image(const Kernels& kn, const Params& prm, const ImageIn& in, cons
     std::fill(r, r + L, -std::numeric_limits<float>::infinity());
   } else {
     kn.similarity(prm, in, cand, patch_direct, ws, Lp);
+    lap(kSimilarity);
     kn.redundancy(ws.sim, k, L, Lp, prm.use_ot, prm.eps, prm.T, ws.sinkhorn_work, r);
   }
+  lap(kSinkhorn);
 
   // Step 5: drop the first M in the order (tier, key, j).
   uint8_t* tier = ws.tier;
@@ -88,6 +104,8 @@ void process_image(const Kernels& kn, const Params& prm, const ImageIn& in, cons
   for (int64_t j = 0; j < L; ++j) {
     if (!out.mask[j]) out.keep[n++] = j;
   }
+  lap(kSelect);
+  if (timed) add_step_ns(ns);
 }
 
 }  // namespace pgs

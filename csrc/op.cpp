@@ -10,6 +10,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <string>
 #include <tuple>
@@ -38,6 +40,22 @@ int simd_width() {
     return std::min(allowed, supported);
   }();
   return width;
+}
+
+namespace {
+std::atomic<bool> g_step_timing{false};
+std::atomic<int64_t> g_step_ns[kSteps];
+}  // namespace
+
+bool step_timing() { return g_step_timing.load(std::memory_order_relaxed); }
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+void add_step_ns(const int64_t* ns) {
+  for (int s = 0; s < kSteps; ++s) g_step_ns[s].fetch_add(ns[s], std::memory_order_relaxed);
 }
 
 namespace {
@@ -78,6 +96,7 @@ Workspace make_workspace(const Params& prm, int64_t sc, int64_t sy, Arena& arena
     for (int64_t row = 0; row < g.P; ++row) ws.row_offsets[c * g.P + row] = c * sc + row * sy;
   }
   ws.cand_vectors = arena.take<const float*>(k);
+  ws.cand_bf16 = arena.take<const uint16_t*>(k);
   if (prm.want_pixels) {
     ws.centered_cands = arena.take<float>(k * dpad);
     ws.centered_rows = arena.take<float>(2 * dpad);
@@ -161,10 +180,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_selec
   int64_t* cand_all = cand.data_ptr<int64_t>();
   float* red_all = red.data_ptr<float>();
   const int64_t ist[4] = {images.stride(0), images.stride(1), images.stride(2), images.stride(3)};
-  // fp32 pixels with unit column stride and fp32 tokens with unit feature
-  // stride are read where they lie; anything else is converted per image.
+  // fp32 pixels with unit column stride and fp32 or bf16 tokens with unit
+  // feature stride are read where they lie; anything else is converted per image.
   const bool img_direct = images.scalar_type() == at::kFloat && ist[3] == 1;
-  const bool tok_direct = want_tokens && tokens.scalar_type() == at::kFloat && tokens.stride(2) == 1;
+  const bool tok_fp32 = want_tokens && tokens.scalar_type() == at::kFloat && tokens.stride(2) == 1;
+  const bool tok_bf16 = want_tokens && tokens.scalar_type() == at::kBFloat16 && tokens.stride(2) == 1;
+  const bool tok_direct = tok_fp32 || tok_bf16;
   static const Kernels kernels = kernels_for(simd_width());
 
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
@@ -179,7 +200,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_selec
     const at::Tensor image_copy = img_direct ? at::Tensor() : at::empty({C, H, W}, at::kFloat);
     const at::Tensor token_copy = want_tokens && !tok_direct ? at::empty({L, D}, at::kFloat) : at::Tensor();
 
+    const bool timed = step_timing();
     for (int64_t b = b0; b < b1; ++b) {
+      const int64_t t0 = timed ? now_ns() : 0;
       ImageIn in{};
       in.channel_stride = sc;
       in.row_stride = sy;
@@ -189,8 +212,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_selec
         image_copy.copy_(images.select(0, b));
         in.pixels = image_copy.const_data_ptr<float>();
       }
-      if (tok_direct) {
+      if (tok_fp32) {
         in.tokens = tokens.const_data_ptr<float>() + b * tokens.stride(0);
+        in.token_stride = tokens.stride(1);
+      } else if (tok_bf16) {
+        in.tokens_bf16 = reinterpret_cast<const uint16_t*>(tokens.const_data_ptr<at::BFloat16>()) +
+                         b * tokens.stride(0);
         in.token_stride = tokens.stride(1);
       } else if (want_tokens) {
         token_copy.copy_(tokens.select(0, b));
@@ -199,6 +226,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pgs_selec
       }
       in.noise = noise_all + b * L;
       in.next_pixels = img_direct && b + 1 < b1 ? images.const_data_ptr<float>() + (b + 1) * ist[0] : nullptr;
+      if (timed) {
+        int64_t ns[kSteps] = {};
+        ns[kConvert] = now_ns() - t0;
+        add_step_ns(ns);
+      }
       const ImageOut out{edge_all + b * L, cand_all + b * k, red_all + b * L, mask_all + b * L,
                          keep_all + b * K};
       process_image(kernels, prm, in, out, ws);
@@ -220,10 +252,44 @@ TORCH_LIBRARY_IMPL(pgs_kernels, CPU, m) { m.impl("_pgs_select_native", &pgs::pgs
 // kernel dispatches to, so that benchmarks can record it.
 static PyObject* simd_width(PyObject*, PyObject*) { return PyLong_FromLong(pgs::simd_width()); }
 
+// step_profile(on): switch the per-step timing on or off and zero its
+// counters. step_times(): the nanoseconds per step since, summed over images
+// and threads, as a dict.
+static PyObject* step_profile(PyObject*, PyObject* on) {
+  const int flag = PyObject_IsTrue(on);
+  if (flag < 0) return nullptr;
+  for (auto& c : pgs::g_step_ns) c.store(0);
+  pgs::g_step_timing.store(flag != 0);
+  Py_RETURN_NONE;
+}
+
+static PyObject* step_times(PyObject*, PyObject*) {
+  static const char* names[pgs::kSteps] = {"convert", "edge", "stats", "order", "similarity", "sinkhorn",
+                                           "select",
+                                           "token_sweep"};
+  PyObject* d = PyDict_New();
+  if (!d) return nullptr;
+  for (int s = 0; s < pgs::kSteps; ++s) {
+    PyObject* v = PyLong_FromLongLong(pgs::g_step_ns[s].load());
+    if (!v || PyDict_SetItemString(d, names[s], v) < 0) {
+      Py_XDECREF(v);
+      Py_DECREF(d);
+      return nullptr;
+    }
+    Py_DECREF(v);
+  }
+  return d;
+}
+
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"simd_width", simd_width, METH_NOARGS,
        "Floats per vector of the kernel variant in use: 16 (AVX-512), 8 (AVX2+FMA), 4 (baseline)."},
+      {"step_profile", step_profile, METH_O,
+       "step_profile(on): switch the kernel's per-step timing on or off (benchmarks) and zero its counters."},
+      {"step_times", step_times, METH_NOARGS,
+       "Nanoseconds per step (convert, edge, stats, order, similarity, sinkhorn, select) since step_profile, "
+       "summed over images and threads."},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods, nullptr, nullptr,
                                    nullptr, nullptr};

@@ -35,12 +35,13 @@ struct Params {
   bool use_ot, want_pixels, want_tokens;  // want_pixels: alpha < 1; want_tokens: alpha > 0
 };
 
-// One image's inputs as fp32: pixels with unit column stride, tokens with unit
-// feature stride (anything else is converted before).
+// One image's inputs: fp32 pixels with unit column stride, fp32 or bf16
+// tokens with unit feature stride (anything else is converted before).
 struct ImageIn {
   const float* pixels;
   int64_t channel_stride, row_stride;
-  const float* tokens;
+  const float* tokens;          // fp32 tokens, or null when tokens_bf16 is set
+  const uint16_t* tokens_bf16;  // bf16 tokens (the bits), read in place and widened in registers
   int64_t token_stride;  // between the tokens of two patches
   const float* noise;
   const float* next_pixels;  // the next image of this thread's range (read in place), or null
@@ -70,6 +71,7 @@ struct Workspace {
   // Step 3.
   int64_t* row_offsets;   // C P: offset of each pixel row of a patch from its first pixel
   const float** cand_vectors;  // k: the candidates' centered pixels, then their tokens
+  const uint16_t** cand_bf16;  // k: the candidates' bf16 tokens
   float* centered_cands;  // k dpad
   float* centered_rows;   // 2 dpad: the patches of one sweep, centered, when not read in place
   float* panel;           // k max(dpad, D rounded up): candidate vectors packed for a sweep
@@ -80,6 +82,8 @@ struct Workspace {
   float* sim;             // k Lp: S, zero past L
   // Step 4.
   float* sinkhorn_work;   // 2 k Lp + 5 kp + 3 Lp floats, kp = k rounded up
+  // Step timing (benchmarks): kSteps counters of this image, or null.
+  int64_t* step_ns;
 };
 
 // Step 1: ws.sobel_sum[j] = sum over patch j of the Sobel magnitude of the
@@ -112,6 +116,15 @@ struct Kernels {
 // (ATEN_CPU_CAPABILITY) allows.
 int simd_width();
 Kernels kernels_for(int width);
+
+// Per-step timing for benchmarks (bench/native_speed.py): off unless
+// switched on through _C.step_profile; then every image adds the steady-clock
+// nanoseconds of each step, summed over threads, to process-wide counters.
+// kTokenSweep is the part of kSimilarity spent on the token dot products.
+enum Step : int { kConvert, kEdge, kStats, kOrder, kSimilarity, kSinkhorn, kSelect, kTokenSweep, kSteps };
+bool step_timing();
+void add_step_ns(const int64_t* ns);  // kSteps values
+int64_t now_ns();
 
 // Steps 1 to 5 for one image.
 void process_image(const Kernels& kn, const Params& prm, const ImageIn& in, const ImageOut& out,

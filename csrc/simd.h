@@ -34,6 +34,7 @@ struct VT {
   typedef float F __attribute__((vector_size(VW * sizeof(float))));
   typedef int32_t I __attribute__((vector_size(VW * sizeof(float))));
   typedef double D __attribute__((vector_size(VW * sizeof(double))));  // VW doubles
+  typedef uint16_t H __attribute__((vector_size(VW * sizeof(uint16_t))));  // VW bf16 (their bits)
 };
 
 // Unaligned vector load and store of floats or doubles (memcpy: no
@@ -49,6 +50,28 @@ template <class V, class T>
 PGS_INL void vstore(T* p, V v) {
   std::memcpy(p, &v, sizeof v);
 }
+
+// bf16 to fp32, exactly: the 16 bits become the upper half of the float.
+PGS_INL float bf16_to_float(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// VW floats from p (fp32, or bf16 widened in registers).
+template <int VW>
+PGS_INL typename VT<VW>::F load_as_float(const float* p) {
+  return vload<typename VT<VW>::F>(p);
+}
+template <int VW>
+PGS_INL typename VT<VW>::F load_as_float(const uint16_t* p) {
+  using I = typename VT<VW>::I;
+  const I wide = __builtin_convertvector(vload<typename VT<VW>::H>(p), I) << 16;
+  return (typename VT<VW>::F)wide;
+}
+PGS_INL float to_float(float v) { return v; }
+PGS_INL float to_float(uint16_t b) { return bf16_to_float(b); }
 
 // n rounded up to a multiple of VW.
 template <int VW>

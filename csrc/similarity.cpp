@@ -117,20 +117,19 @@ PGS_INL int block_size(int64_t k, int64_t nblocks, int64_t blk) {
   return static_cast<int>(k / nblocks + (blk < k % nblocks ? 1 : 0));
 }
 
-template <int VW>
-PGS_INL void pack_panel(const float* const* a, int64_t k, int64_t n, float* __restrict out) {
-  using F = typename VT<VW>::F;
+template <int VW, class T>
+PGS_INL void pack_panel(const T* const* a, int64_t k, int64_t n, float* __restrict out) {
   const int64_t npad = (n + VW - 1) / VW * VW, nv = n / VW * VW, nblocks = block_count<VW>(k);
   for (int64_t blk = 0, i0 = 0; blk < nblocks; ++blk) {
     const int nb = block_size<VW>(k, nblocks, blk);
     float* o = out + i0 * npad;
     for (int64_t t = 0; t < nv; t += VW) {
-      for (int i = 0; i < nb; ++i) vstore(o + i * VW, vload<F>(a[i0 + i] + t));
+      for (int i = 0; i < nb; ++i) vstore(o + i * VW, load_as_float<VW>(a[i0 + i] + t));
       o += nb * VW;
     }
     if (nv < n) {
       for (int i = 0; i < nb; ++i) {
-        for (int l = 0; l < VW; ++l) o[i * VW + l] = nv + l < n ? a[i0 + i][nv + l] : 0.0f;
+        for (int l = 0; l < VW; ++l) o[i * VW + l] = nv + l < n ? to_float(a[i0 + i][nv + l]) : 0.0f;
       }
     }
     i0 += nb;
@@ -139,12 +138,13 @@ PGS_INL void pack_panel(const float* const* a, int64_t k, int64_t n, float* __re
 
 // Where the R input rows of a sweep come from.
 //   Contig: R rows of n floats (tokens, or patches already centered into a
-//           buffer); the last n % VW read through a zeroed copy.
+//           buffer), or of n bf16 (tokens) widened as they are loaded; the
+//           last n % VW read through a zeroed copy.
 //   Patch:  R patches read in place from the image (P % VW == 0), centered on
 //           the fly as (x - v0) - mean, in center_patch's (c, row, column) order.
-template <int VW, int R>
+template <int VW, int R, class T = float>
 struct Contig {
-  const float* x[R];
+  const T* x[R];
   int64_t n;
 };
 template <int VW, int R>
@@ -192,23 +192,23 @@ struct PanelAcc {
   }
 };
 
-template <int VW, int NB, int R>
-PGS_INL void panel_dots(const Contig<VW, R>& s, const float* pa, float* out, float* sq_norm) {
+template <int VW, int NB, int R, class T>
+PGS_INL void panel_dots(const Contig<VW, R, T>& s, const float* pa, float* out, float* sq_norm) {
   using F = typename VT<VW>::F;
   PanelAcc<VW, NB, R> acc(pa);
   const int64_t n = s.n, nv = n / VW * VW;
   for (int64_t t = 0; t < nv; t += VW) {
     F xv[R];
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) xv[r] = vload<F>(s.x[r] + t);
+    for (int r = 0; r < R; ++r) xv[r] = load_as_float<VW>(s.x[r] + t);
     acc.step(xv);
   }
   if (nv < n) {
     F xv[R];
     for (int r = 0; r < R; ++r) {
-      float tmp[VW] = {};
-      std::memcpy(tmp, s.x[r] + nv, (n - nv) * sizeof(float));
-      xv[r] = vload<F>(tmp);
+      T tmp[VW] = {};
+      std::memcpy(tmp, s.x[r] + nv, (n - nv) * sizeof(T));
+      xv[r] = load_as_float<VW>(tmp);
     }
     acc.step(xv);
   }
@@ -368,27 +368,38 @@ PGS_INL void similarity(const Params& prm, const ImageIn& in, const int64_t* can
     });
   }
   if (prm.want_tokens) {
+    const int64_t t_start = ws.step_ns ? now_ns() : 0;
     const int64_t D = prm.D, Dpad = round_up<VW>(D);
-    for (int64_t i = 0; i < k; ++i) cand_vectors[i] = in.tokens + cand[i] * in.token_stride;
-    pack_panel<VW>(cand_vectors, k, D, ws.panel);
-    for_row_groups<R>(L, [&](auto rows, int64_t j0) PGS_INL_LAMBDA {
-      constexpr int NR = decltype(rows)::value;
-      prefetch_next(j0, NR);
-      Contig<VW, NR> s;
-      s.n = D;
-      for (int r = 0; r < NR; ++r) s.x[r] = in.tokens + (j0 + r) * in.token_stride;
-      sweep_dots<VW, NR>(s, ws.panel, k, Dpad, ws.token_dots, Lp, j0, sq_norm);
-      for (int r = 0; r < NR; ++r) ws.inv_token_norm[j0 + r] = inverse_norm(sq_norm[r]);
-    });
-    // A token with an infinite element has |t| = inf too, but t / |t| holds
-    // inf / inf = NaN, which the contract carries into S: not a zero vector.
-    for (int64_t j = 0; j < L; ++j) {
-      if (ws.inv_token_norm[j] != 0.0f) continue;
-      const float* t = in.tokens + j * in.token_stride;
-      if (std::any_of(t, t + D, [](float v) { return std::isinf(v); })) {
-        ws.inv_token_norm[j] = std::numeric_limits<float>::quiet_NaN();
+    // fp32 or bf16: the same sweep, the bf16 widened exactly as it is loaded.
+    auto token_sweep = [&](const auto* tokens, const auto** cand_rows) PGS_INL_LAMBDA {
+      using T = std::remove_const_t<std::remove_pointer_t<decltype(tokens)>>;
+      for (int64_t i = 0; i < k; ++i) cand_rows[i] = tokens + cand[i] * in.token_stride;
+      pack_panel<VW>(cand_rows, k, D, ws.panel);
+      for_row_groups<R>(L, [&](auto rows, int64_t j0) PGS_INL_LAMBDA {
+        constexpr int NR = decltype(rows)::value;
+        prefetch_next(j0, NR);
+        Contig<VW, NR, T> s;
+        s.n = D;
+        for (int r = 0; r < NR; ++r) s.x[r] = tokens + (j0 + r) * in.token_stride;
+        sweep_dots<VW, NR>(s, ws.panel, k, Dpad, ws.token_dots, Lp, j0, sq_norm);
+        for (int r = 0; r < NR; ++r) ws.inv_token_norm[j0 + r] = inverse_norm(sq_norm[r]);
+      });
+      // A token with an infinite element has |t| = inf too, but t / |t| holds
+      // inf / inf = NaN, which the contract carries into S: not a zero vector.
+      for (int64_t j = 0; j < L; ++j) {
+        if (ws.inv_token_norm[j] != 0.0f) continue;
+        const T* t = tokens + j * in.token_stride;
+        if (std::any_of(t, t + D, [](T v) { return std::isinf(to_float(v)); })) {
+          ws.inv_token_norm[j] = std::numeric_limits<float>::quiet_NaN();
+        }
       }
+    };
+    if (in.tokens_bf16) {
+      token_sweep(in.tokens_bf16, ws.cand_bf16);
+    } else {
+      token_sweep(in.tokens, cand_vectors);
     }
+    if (ws.step_ns) ws.step_ns[kTokenSweep] += now_ns() - t_start;
   }
   const float* inv_p = ws.inv_pixel_norm;
   const float* inv_t = ws.inv_token_norm;
