@@ -6,16 +6,16 @@ runs six steps, one ``@triton.jit`` helper each:
 
 1. ``_edge_pass`` reads the image once, top to bottom, a pixel column per
    lane (a warp covers ``_SEG = 30`` columns plus a halo column each side;
-   wide images go in strips of 8 warps). Per row: ``Ysum = Σ_c x_c``
-   (``Y = Ysum / C``; the Sobel filter is linear, so it runs on ``Ysum`` and
-   the ``1/C`` comes once a band), ``Ysum(x±1)`` from the neighbouring lanes
-   (``tl.gather`` within the warp; at the image border a column is its own
-   neighbour), ``hs = Ysum(x-1) + 2Ysum(x) + Ysum(x+1)``,
-   ``hd = Ysum(x+1) - Ysum(x-1)``. With the rows above and below in
-   registers, ``Gx = hd(y-1) + 2hd(y) + hd(y+1)``, ``Gy = hs(y+1) - hs(y-1)``,
-   ``C·G = sqrt(Gx² + Gy²)`` (rows past the top and bottom replicate them).
-   Per band of ``P`` rows each lane sums over its column
-   ``col_g = (Σ C·G) / C`` and, with ``s`` its channel-0 pixel in the band's
+   wide images go in strips of 8 warps). Per row: ``Ysum = Σ_c x_c``,
+   ``Y = Ysum / C`` (the Sobel filter runs on the mean, not the sum, so that
+   it holds in fp32 to the same pixel size whatever ``C``), ``Y(x±1)`` from
+   the neighbouring lanes (``tl.gather`` within the warp; at the image border
+   a column is its own neighbour), ``hs = Y(x-1) + 2Y(x) + Y(x+1)``,
+   ``hd = Y(x+1) - Y(x-1)``. With the rows above and below in registers,
+   ``Gx = hd(y-1) + 2hd(y) + hd(y+1)``, ``Gy = hs(y+1) - hs(y-1)``,
+   ``G = sqrt(Gx² + Gy²)`` (rows past the top and bottom replicate them).
+   Per band of ``P`` rows each lane sums over its column ``col_g = Σ G`` and,
+   with ``s`` its channel-0 pixel in the band's
    first row, ``col_t = Σ (Ysum - s⊕C)`` (``s⊕C``: ``s`` added ``C`` times in
    the channel order, so a constant column gives exactly 0) and
    ``col_q = Σ_c (x_c - s)²``: one store of each per band.
@@ -122,27 +122,29 @@ _MIN_LOG2_K: tl.constexpr = tl.constexpr(-80.0 * _LOG2E)
 
 
 @triton.jit
-def _load_row(img_b, s_c, s_h, s_w, y, x, xok, il, ir, inv_c, shift, C: tl.constexpr, FIRST: tl.constexpr):
+def _load_row(img_b, s_c, s_h, s_w, y, x, xok, il, ir, inv_c, shift, q, C: tl.constexpr, FIRST: tl.constexpr):
     """One image row at the lanes' columns: the Sobel row terms ``hs``, ``hd``
-    of ``Y``, the channel sum ``Σ_c x_c``, ``Σ_c (x_c - s)²`` and the shift
-    ``s`` (the channel-0 pixel itself when ``FIRST``). Lanes outside the image
-    load nothing: they only feed the halo lanes, never an owned column."""
+    of ``Y``, the channel sum ``Σ_c x_c``, ``q + Σ_c (x_c - s)²`` (one FMA a
+    channel into the column's running sum) and the shift ``s`` (the channel-0
+    pixel itself when ``FIRST``, whose own term is then 0). Lanes outside the
+    image load nothing: they only feed the halo lanes, never an owned column."""
     row = img_b + y * s_h + x * s_w
     v = tl.load(row, mask=xok).to(tl.float32)
     if FIRST:
         shift = v
+    else:
+        d = v - shift
+        q += d * d
     ysum = v
-    d = v - shift
-    q = d * d
     for c in tl.static_range(1, C):
         v = tl.load(row + c * s_c, mask=xok).to(tl.float32)
         ysum += v
         d = v - shift
         q += d * d
-    # Sobel on the channel sum: G of Y = ΣG(Ysum)/C, the 1/C applied once a band.
-    yl = tl.gather(ysum, il, axis=1)
-    yr = tl.gather(ysum, ir, axis=1)
-    return yl + 2.0 * ysum + yr, yr - yl, ysum, q, shift
+    yv = ysum * inv_c
+    yl = tl.gather(yv, il, axis=1)
+    yr = tl.gather(yv, ir, axis=1)
+    return yl + 2.0 * yv + yr, yr - yl, ysum, q, shift
 
 
 @triton.jit
@@ -179,7 +181,8 @@ def _edge_pass(img_b, s_c, s_h, s_w, col_g, col_t, col_q, col_s,
         own = xok & (lane > 0) & (lane < 31)
         zero = tl.zeros(x.shape, tl.float32)
         # Row -1 replicates row 0.
-        hs_mid, hd_mid, _y, _q, _s = _load_row(img_b, s_c, s_h, s_w, 0, x, xok, il, ir, inv_c, zero, C, True)
+        hs_mid, hd_mid, _y, _q, _s = _load_row(img_b, s_c, s_h, s_w, 0, x, xok, il, ir, inv_c, zero, zero, C,
+                                               True)
         hs_up = hs_mid
         hd_up = hd_mid
         g_sum = zero
@@ -188,19 +191,18 @@ def _edge_pass(img_b, s_c, s_h, s_w, col_g, col_t, col_q, col_s,
             # The band's first row completes G of the row above it (previous
             # band) and gives each lane its shift s (own channel-0 pixel).
             hs_dn, hd_dn, ysum, q_sum, shift = _load_row(img_b, s_c, s_h, s_w, y0, x, xok, il, ir, inv_c, zero,
-                                                         C, True)
+                                                         zero, C, True)
             shift_sum = _repeat_sum(shift, C)
             t_sum = ysum - shift_sum
             g = _sobel(hs_up, hd_up, hd_mid, hs_dn, hd_dn)
             if band > 0:
-                tl.store(col_g + (band - 1) * W + x, (g_sum + g) * inv_c, mask=own)
+                tl.store(col_g + (band - 1) * W + x, g_sum + g, mask=own)
             g_sum = zero
             hs_up, hd_up, hs_mid, hd_mid = hs_mid, hd_mid, hs_dn, hd_dn
             for r in tl.static_range(1, P):
-                hs_dn, hd_dn, ysum, q, _s = _load_row(img_b, s_c, s_h, s_w, y0 + r, x, xok, il, ir, inv_c, shift,
-                                                      C, False)
+                hs_dn, hd_dn, ysum, q_sum, _s = _load_row(img_b, s_c, s_h, s_w, y0 + r, x, xok, il, ir, inv_c,
+                                                          shift, q_sum, C, False)
                 t_sum += ysum - shift_sum
-                q_sum += q
                 g_sum += _sobel(hs_up, hd_up, hd_mid, hs_dn, hd_dn)
                 hs_up, hd_up, hs_mid, hd_mid = hs_mid, hd_mid, hs_dn, hd_dn
             tl.store(col_t + band * W + x, t_sum, mask=own)
@@ -208,7 +210,7 @@ def _edge_pass(img_b, s_c, s_h, s_w, col_g, col_t, col_q, col_s,
             tl.store(col_s + band * W + x, shift, mask=own)
         # The last row: the row below replicates it.
         g = _sobel(hs_up, hd_up, hd_mid, hs_mid, hd_mid)
-        tl.store(col_g + (GH - 1) * W + x, (g_sum + g) * inv_c, mask=own)
+        tl.store(col_g + (GH - 1) * W + x, g_sum + g, mask=own)
 
 
 @triton.jit
@@ -475,13 +477,18 @@ def _kernel_tile(S, valid, z_scale, c):
 
 
 @triton.jit
+def _recip(x):
+    """``1/x`` as ``rsqrt(x)²``: two instructions (MUFU.RSQ, FMUL), a few ulp,
+    where a division expands to a dozen; for the normal numbers it gets."""
+    r = tl.math.rsqrt(x)
+    return r * r
+
+
+@triton.jit
 def _scale(num, den):
     """``num / den`` when ``den`` lies in ``[1e-30, 1e30]``, else NaN: a number
     fp32 would not hold poisons everything after it, and the caller sees NaN."""
-    # 1/den as rsqrt(den)²: two instructions (MUFU.RSQ, FMUL), a few ulp,
-    # where a division expands to a dozen; den is a normal number here.
-    r = tl.math.rsqrt(den)
-    return tl.where((den >= 1e-30) & (den <= 1e30), num * (r * r), float("nan"))
+    return tl.where((den >= 1e-30) & (den <= 1e30), num * _recip(den), float("nan"))
 
 
 @triton.jit
@@ -509,11 +516,28 @@ def _sinkhorn_scaling(S, vi, vj, inv_k, inv_l, z_scale, ws_s, ws_kt,
     vjt = cols < L
     B = tl.where(vj, 1.0, 0.0)
     A = c
+    # The sums' range, checked once after the steps rather than at each: a sum
+    # outside [1e-30, 1e30] sends the caller to the log domain all the same
+    # (a NaN sum, which min/max would skip, reaches r and is counted there).
+    lo_a = tl.full((BK,), 1.0, tl.float32)
+    hi_a = tl.full((BK,), 1.0, tl.float32)
+    lo_b = tl.full((LP,), 1.0, tl.float32)
+    hi_b = tl.full((LP,), 1.0, tl.float32)
     for _t in range(T):
-        A = tl.where(vi, _scale(inv_k, tl.sum(Kt * B[None, :], axis=1)), 0.0)
-        B = tl.where(vjt, _scale(inv_l, tl.sum(KT * A[None, :], axis=1)), 0.0)
+        ra = tl.sum(Kt * B[None, :], axis=1)
+        ra = tl.where(vi, ra, 1.0)
+        lo_a = tl.minimum(lo_a, ra)
+        hi_a = tl.maximum(hi_a, ra)
+        A = tl.where(vi, _recip(ra) * inv_k, 0.0)
+        rb = tl.sum(KT * A[None, :], axis=1)
+        rb = tl.where(vjt, rb, 1.0)
+        lo_b = tl.minimum(lo_b, rb)
+        hi_b = tl.maximum(hi_b, rb)
+        B = tl.where(vjt, _recip(rb) * inv_l, 0.0)
     red = (L * B) * tl.sum((Kt * A[:, None]) * tl.load(park), axis=0)
-    return red, bad + tl.sum((vj & (red - red != 0.0)).to(tl.int32), axis=0)
+    out_a = tl.sum(((lo_a < 1e-30) | (hi_a > 1e30)).to(tl.int32), axis=0)
+    out_b = tl.sum(((lo_b < 1e-30) | (hi_b > 1e30)).to(tl.int32), axis=0)
+    return red, bad + out_a + out_b + tl.sum((vj & (red - red != 0.0)).to(tl.int32), axis=0)
 
 
 @triton.jit
@@ -819,13 +843,10 @@ def _launch_config(B, C, H, W, P, D, k, alpha, tok_lowp, edge_weight, use_ot, ot
     nseg = min(8, _pow2(triton.cdiv(W, _SEG.value)))
     has_cand = k > 0
     BK = max(16, _pow2(k))
-    # Similarity tiles of BK x BJ: _SIM_TILE elements (16 a thread), half that
-    # when P is not a power of two (scalar loads, an address each).
-    pow2_p = P & (P - 1) == 0
+    # Similarity tiles of BK x BJ: _SIM_TILE elements (16 a thread), twice that
+    # from 64 candidates on (fewer passes over the candidates' pixels; Sinkhorn
+    # streams its own smaller tiles).
     BJ = max(16, min(BLOCK_L, (2 * _SIM_TILE if BK >= 64 else _SIM_TILE) // BK))
-    # Pixel chunks of E elements: wider ones amortize each chunk's MMA setup,
-    # where the tiles leave the registers for them.
-    E = 32 if pow2_p and BK <= 32 else 16
     # Token chunks of DB: wide for bf16/fp16 on the tensor cores while the tiles
     # fit; fp32 tokens (FMA) and the large tiles keep them narrow.
     DB = (64 if BK <= 32 else 32) if tok_lowp else 16
@@ -838,7 +859,7 @@ def _launch_config(B, C, H, W, P, D, k, alpha, tok_lowp, edge_weight, use_ot, ot
     meta = dict(
         ITERS=triton.cdiv(B, nprog), C=C, P=P, GH=GH, GW=GW, D=D, T=int(ot_iters),
         NSEG=nseg, NSTRIP=triton.cdiv(W, nseg * _SEG.value), BLOCK_L=BLOCK_L,
-        BK=BK, BJ=BJ, NJ=NJ, S_REG=s_reg, S_TILE=_S_TILE, E=E, DB=DB,
+        BK=BK, BJ=BJ, NJ=NJ, S_REG=s_reg, S_TILE=_S_TILE, E=16, DB=DB,
         USE_PIX=alpha < 1, USE_TOK=alpha > 0, TOK_LOWP=bool(tok_lowp),
         USE_EDGE=float(edge_weight) != 0.0, USE_OT=bool(use_ot), HAS_CAND=has_cand, FWS=fws_cols,
     )

@@ -159,8 +159,8 @@ def _table(path: str) -> Dict[Key, Dict[str, object]]:
                     warnings.warn(f"pgs_kernels: the Triton tuning table does not parse ({exc}); "
                                   "every launch uses triton_tuning.DEFAULT", RuntimeWarning, stacklevel=3)
                     raw = {}
-                # Over DEFAULT, and only the settings the kernel takes.
-                table = {k: {n: s.get(n, v) for n, v in DEFAULT.items()} for k, s in raw.items()}
+                # Over the architecture's default, and only the settings the kernel takes.
+                table = {k: {n: s.get(n, v) for n, v in default_for(k[0]).items()} for k, s in raw.items()}
                 _tables[path] = table
     return table
 

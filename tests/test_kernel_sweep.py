@@ -208,8 +208,15 @@ def test_lookup(table_env):
         dict(arch="sm_90", grid=[14, 14], token_width=768, settings=dict(num_warps=4, gone=3))])))
     triton_tuning.clear_cache()
     assert triton_tuning.lookup("sm_90", [14, 14], 768) == dict(d, num_warps=4)
-    for key in [("sm_80", (14, 14), 768), ("sm_90", (14, 14), 0), ("sm_90", (24, 24), 768)]:
+    for key in [("sm_90", (14, 14), 0), ("sm_90", (24, 24), 768), ("sm_86", (14, 14), 768)]:
         assert triton_tuning.lookup(*key) == d
+    # an architecture with its own offline best (ARCH_DEFAULTS), for its entries too
+    assert triton_tuning.lookup("sm_80", (14, 14), 768) == dict(d, **triton_tuning.ARCH_DEFAULTS["sm_80"])
+    table_env.write_text(json.dumps(dict(format=1, entries=[
+        dict(arch="sm_80", grid=[14, 14], token_width=768, settings=dict(num_warps=4))])))
+    triton_tuning.clear_cache()
+    assert triton_tuning.lookup("sm_80", (14, 14), 768) == dict(d, **triton_tuning.ARCH_DEFAULTS["sm_80"],
+                                                                num_warps=4)
     # a table that does not parse: a warning, and DEFAULT everywhere
     table_env.write_text("{not json")
     triton_tuning.clear_cache()
