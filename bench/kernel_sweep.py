@@ -45,7 +45,9 @@ The method, per candidate setting and call:
    percentile in µs.
 
 Order and budget. Candidates come from ``triton_tuning.candidates()``:
-``DEFAULT`` first, then by how many settings differ from it (one, then
+``DEFAULT`` (here and below: the architecture's offline best,
+``triton_tuning.default_for(arch)``, what the launcher runs without an
+entry) first, then by how many settings differ from it (one, then
 two, ...), earlier values of ``SPACE`` first. Time counts from the start
 of the script (imports, inputs and references included). Once less than
 ``--confirm-s`` (15 s) of ``--budget-s`` (240 s) is left no new candidate
@@ -584,8 +586,9 @@ def main(argv=None) -> int:
     configs = DRY_CONFIGS if dry else CONFIGS
     batch = DRY_BATCH if dry else BATCH
     arch = DRY_ARCH if dry else triton_pgs._arch(device)
-    default = dict(triton_tuning.DEFAULT)
-    cands = dry_candidates(default) if dry else list(triton_tuning.candidates())
+    # The architecture's offline best (sm_80 has its own): what the launcher runs without an entry.
+    default = triton_tuning.default_for(arch)
+    cands = dry_candidates(default) if dry else list(triton_tuning.candidates(default=default))
     if args.max_candidates:
         cands = cands[:args.max_candidates]
     workers = args.workers if args.workers is not None else (1 if dry else max(1, (os.cpu_count() or 4) - 2))
