@@ -813,7 +813,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--steps", action="store_true", help="print the per-step split too")
     ap.add_argument("--tuning", default=None,
-                    help="launch settings instead of triton_tuning.DEFAULT, e.g. num_warps=4,DOT=ieee")
+                    help="launch settings over triton_tuning.DEFAULT, for every arch (default: each arch's offline "
+                         "best, triton_tuning.default_for), e.g. num_warps=4,DOT=ieee")
     ap.add_argument("--verbose", action="store_true", help="print the SASS loops and their trip counts")
     ap.add_argument("--trace-worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

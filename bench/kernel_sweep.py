@@ -169,14 +169,10 @@ def plan(cfg: Dict, images, tokens, noise, setting: Dict, compiled: bool):
 
 
 def launch(launches) -> None:
-    import torch
+    """Runs a plan's launches as the launcher does."""
+    from pgs_kernels import triton_pgs
 
-    for kernel, grid, args, meta in launches:
-        if args[0].is_cuda:
-            with torch.cuda.device(args[0].device):
-                kernel[grid](*args, **meta)
-        else:
-            kernel[grid](*args, **meta)
+    triton_pgs._run(launches)
 
 
 # ----------------------------------------------------------------------------- compile workers

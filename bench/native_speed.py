@@ -80,7 +80,6 @@ else:  # run as a file (python bench/native_speed.py): bench/ is the first impor
 CACHED = 2
 TARGETS = {"speedup_vs_fp32_reference_min": 10.0, "ms_per_image_1_thread_max": 1.0, "native_over_floor_max": 1.5}
 DEFAULT_OUT = "native-cpu.json"
-TOKEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # The kernel's step clocks (csrc/op.cpp), in its order; token_sweep is the
 # token part of similarity.
 STEPS = ("convert", "edge", "stats", "order", "similarity_pixels", "similarity_tokens", "sinkhorn", "select")
@@ -151,8 +150,8 @@ def main(argv=None):
     tokens["bfloat16"] = tokens["float32"].to(torch.bfloat16)
     noise = torch.rand(B, L, generator=g)
     kw = dict(noise=noise, patch_size=P, token_weight=args.token_weight)
-    # The candidates of pgs_select's default candidate_ratio (pgs_kernels/api.py).
-    k = L - int(L * (1 - 0.05))
+    # The candidates of pgs_select's defaults (mask_ratio 0.5, candidate_ratio 0.05).
+    _, _, k = pgs_kernels.pgs_counts(L, 0.5, 0.05)
 
     def native(tk):
         return lambda: pgs_kernels.pgs_select(images, tk, backend="native", **kw)

@@ -265,8 +265,7 @@ static PyObject* step_profile(PyObject*, PyObject* on) {
 
 static PyObject* step_times(PyObject*, PyObject*) {
   static const char* names[pgs::kSteps] = {"convert", "edge", "stats", "order", "similarity", "sinkhorn",
-                                           "select",
-                                           "token_sweep"};
+                                           "select", "token_sweep"};
   PyObject* d = PyDict_New();
   if (!d) return nullptr;
   for (int s = 0; s < pgs::kSteps; ++s) {
@@ -288,8 +287,8 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
       {"step_profile", step_profile, METH_O,
        "step_profile(on): switch the kernel's per-step timing on or off (benchmarks) and zero its counters."},
       {"step_times", step_times, METH_NOARGS,
-       "Nanoseconds per step (convert, edge, stats, order, similarity, sinkhorn, select) since step_profile, "
-       "summed over images and threads."},
+       "Nanoseconds per step (convert, edge, stats, order, similarity, sinkhorn, select; token_sweep: the "
+       "token part of similarity) since step_profile, summed over images and threads."},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods, nullptr, nullptr,
                                    nullptr, nullptr};

@@ -54,8 +54,9 @@ runs six steps, one ``@triton.jit`` helper each:
    of ``K`` (the second transposed through scratch) so that neither reduces
    across warps, and ``1/x`` as ``rsqrt(x)²``. The algebra is
    exact; fp32 holds it when ``S`` is finite, every ``K_ij ≥ e^-80`` and every
-   sum stays in ``[1e-30, 1e30]`` (``_scale`` turns a sum outside into NaN,
-   which reaches ``r``). Otherwise ``_sinkhorn_log`` runs the steps
+   sum stays in ``[1e-30, 1e30]`` (a sum outside is counted: after the steps
+   from the sums' running min and max on a register tile, by ``_scale``
+   turning it into NaN, which reaches ``r``, when streamed). Otherwise ``_sinkhorn_log`` runs the steps
    themselves: ``f_i = log2(1/k) - LSE2_j(z_ij + g_j)``,
    ``g_j = log2(1/L) - LSE2_i(z_ij + f_i)``,
    ``r_j = L Σ_i 2^(z_ij + f_i + g_j) S_ij``. When ``S`` does not fit one
@@ -88,8 +89,8 @@ the same loops; so are the image's and the tokens' strides (a contiguous
 input's follow from its shape), which lets every load of pass 1 take its
 offset as an immediate. Launch settings (warps, stages, register cap, the
 pixel product's precision) come from ``triton_tuning``: a table a GPU's
-sweep wrote, else the offline best. ``bench/kernel_report.py`` says what it costs on sm_90 and
-sm_80.
+sweep wrote, else the offline best. ``bench/kernel_report.py`` says what it
+costs on sm_90 and sm_80.
 """
 
 from __future__ import annotations
@@ -701,7 +702,7 @@ def _pgs_kernel(
     sim_threshold, token_weight, edge_weight, z_scale, log2_a, log2_b, inv_k, inv_l,
     ITERS: tl.constexpr, C: tl.constexpr, P: tl.constexpr, GH: tl.constexpr, GW: tl.constexpr,
     D: tl.constexpr, T: tl.constexpr, NSEG: tl.constexpr, NSTRIP: tl.constexpr, BLOCK_L: tl.constexpr,
-    BK: tl.constexpr, BJ: tl.constexpr, NJ: tl.constexpr, S_REG: tl.constexpr, S_TILE: tl.constexpr,
+    BK: tl.constexpr, BJ: tl.constexpr, NJ: tl.constexpr, S_REG: tl.constexpr, BJS: tl.constexpr,
     E: tl.constexpr, DB: tl.constexpr,
     USE_PIX: tl.constexpr, USE_TOK: tl.constexpr, TOK_LOWP: tl.constexpr,
     USE_EDGE: tl.constexpr, USE_OT: tl.constexpr, HAS_CAND: tl.constexpr,
@@ -794,8 +795,6 @@ def _pgs_kernel(
                             tl.store(red_b + lp, red, mask=vj)
                         else:
                             tl.debug_barrier()
-                            # Streamed in tiles of at most _S_TILE elements, whatever the similarity's.
-                            BJS: tl.constexpr = BJ if BK * BJ <= S_TILE else max(16, S_TILE // BK)
                             NJS: tl.constexpr = LP // BJS
                             bad = _sinkhorn_stream(ws_s, ws_v, ws_v + BK * LP, red_b, k, inv_k, inv_l, z_scale,
                                                    L, T, BK, BJS, NJS)
@@ -826,8 +825,7 @@ def _scratch_floats(GH: int, W: int, BLOCK_L: int, BK: int, LP: int, s_reg: bool
     """fp32 scratch per program, in the order the kernel lays it out: column
     sums col_g, col_t, col_q, col_s (GH x W each); e, c, ι, ι^t (BLOCK_L
     each); S (BK x LP); K transposed (BK x LP); B or g (LP, only when
-    Sinkhorn streams S). The int32
-    scratch is the selection order (BLOCK_L)."""
+    Sinkhorn streams S). The int32 scratch is the selection order (BLOCK_L)."""
     return 4 * GH * W + 4 * BLOCK_L + 2 * BK * LP + (0 if s_reg else LP)
 
 
@@ -835,7 +833,7 @@ def _launch_config(B, C, H, W, P, D, k, alpha, tok_lowp, edge_weight, use_ot, ot
     """Grid size and the kernel's compile-time arguments for one call (also
     what ``bench.kernel_report`` compiles); ``FWS`` among them is the fp32
     scratch per program. ``tuning``: the launch settings
-    (``pgs_kernels.triton_tuning``; default ``triton_tuning.DEFAULT``)."""
+    (``pgs_kernels.triton_tuning``), laid over ``triton_tuning.DEFAULT``."""
     GH, GW = H // P, W // P
     L = GH * GW
     BLOCK_L = max(16, _pow2(L))
@@ -853,13 +851,15 @@ def _launch_config(B, C, H, W, P, D, k, alpha, tok_lowp, edge_weight, use_ot, ot
     NJ = triton.cdiv(L, BJ)
     LP = NJ * BJ
     s_reg = BK * LP <= _S_TILE
+    # Sinkhorn streams S in tiles of its own, at most _S_TILE elements.
+    BJS = BJ if BK * BJ <= _S_TILE else max(16, _S_TILE // BK)
     fws_cols = _scratch_floats(GH, W, BLOCK_L, BK, LP, s_reg)
     per_prog = 4 * fws_cols + 4 * BLOCK_L
     nprog = max(1, min(B, _SCRATCH_BUDGET // per_prog))
     meta = dict(
         ITERS=triton.cdiv(B, nprog), C=C, P=P, GH=GH, GW=GW, D=D, T=int(ot_iters),
         NSEG=nseg, NSTRIP=triton.cdiv(W, nseg * _SEG.value), BLOCK_L=BLOCK_L,
-        BK=BK, BJ=BJ, NJ=NJ, S_REG=s_reg, S_TILE=_S_TILE, E=16, DB=DB,
+        BK=BK, BJ=BJ, NJ=NJ, S_REG=s_reg, BJS=BJS, E=16, DB=DB,
         USE_PIX=alpha < 1, USE_TOK=alpha > 0, TOK_LOWP=bool(tok_lowp),
         USE_EDGE=float(edge_weight) != 0.0, USE_OT=bool(use_ot), HAS_CAND=has_cand, FWS=fws_cols,
     )
@@ -957,10 +957,16 @@ def pgs_select_triton(images, tokens, noise, patch_size, num_keep, num_candidate
     outputs, launches = _launch_plan(images, tokens, noise, patch_size, num_keep, num_candidates,
                                      sim_threshold, token_weight, edge_weight, use_ot, ot_reg, ot_iters,
                                      compiled=images.is_cuda)
+    _run(launches)
+    return outputs
+
+
+def _run(launches) -> None:
+    """Runs the launches of :func:`_launch_plan`, on the images' CUDA device
+    (the first argument) when they are there."""
     for kernel, grid, args, meta in launches:
-        if images.is_cuda:
-            with torch.cuda.device(images.device):
+        if args[0].is_cuda:
+            with torch.cuda.device(args[0].device):
                 kernel[grid](*args, **meta)
         else:
             kernel[grid](*args, **meta)
-    return outputs
